@@ -1,0 +1,69 @@
+"""Model registry: ``get_model(name, num_classes=10, **overrides)``.
+
+Names: ``wrn-D-K`` (any depth D = 6n+4 and integer width K), ``nin-thin``, ``nin-wide``,
+``resnet-18``, ``resnet-34``, and ``wrn-tiny`` (WRN-10-1, for fast tests).
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+
+from at_jax.models.nin import NIN, THIN_WIDTHS, WIDE_WIDTHS
+from at_jax.models.resnet import STAGE_SIZES, ResNet, from_torchvision
+from at_jax.models.wrn import WideResNet, blocks_per_group
+
+_WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
+
+_FIXED = {
+    "nin-thin": lambda **kw: NIN(widths=THIN_WIDTHS, **kw),
+    "nin-wide": lambda **kw: NIN(widths=WIDE_WIDTHS, **kw),
+    "resnet-18": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[18], **kw),
+    "resnet-34": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[34], **kw),
+    "wrn-tiny": lambda **kw: WideResNet(depth=10, width=1, **kw),
+}
+
+
+def model_names() -> list[str]:
+    """Known model names (``wrn-D-K`` stands for every valid depth and width)."""
+    return ["wrn-D-K"] + sorted(_FIXED)
+
+
+def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
+    """Build a model by name. ``overrides`` are module fields (e.g. ``batch_norm=False``, ``dtype``)."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    match = _WRN_PATTERN.match(name)
+    if match:
+        depth, width = int(match.group(1)), int(match.group(2))
+        blocks_per_group(depth)
+        if width < 1:
+            raise ValueError(f"WRN width must be a positive integer, got {width} in {name!r}")
+        builder = lambda **kw: WideResNet(depth=depth, width=width, **kw)  # noqa: E731
+    elif name in _FIXED:
+        builder = _FIXED[name]
+    else:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
+                         "(e.g. wrn-16-1, wrn-40-2)")
+    try:
+        return builder(num_classes=num_classes, **overrides)
+    except TypeError as e:
+        raise ValueError(f"bad override for model {name!r}: {e}") from None
+
+
+def forward(model: nn.Module, variables, x, train: bool = False):
+    """Run ``model`` and collect its sown activations.
+
+    Returns ``(logits, activations, new_batch_stats)``: activations map sown names to arrays;
+    ``new_batch_stats`` is the updated BN state when ``train`` (else ``None``).
+    """
+    mutable = ["intermediates"]
+    if train and "batch_stats" in variables:
+        mutable.append("batch_stats")
+    logits, state = model.apply(variables, x, train=train, mutable=mutable)
+    acts = {name: value[0] for name, value in state.get("intermediates", {}).items()}
+    return logits, acts, state.get("batch_stats")
+
+
+__all__ = ["forward", "NIN", "ResNet", "WideResNet", "from_torchvision", "get_model", "model_names"]

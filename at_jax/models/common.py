@@ -1,0 +1,41 @@
+"""Building blocks shared by the model families.
+
+Initialisation follows the reference code: convolutions and dense layers use kaiming-normal
+(fan-in, gain sqrt(2), untruncated normal), biases are zero. Batch-norm scales start at one and
+offsets at zero (the reference CIFAR code draws BN scales from U(0, 1); ones is the torchvision and
+Flax default and trains equally well — documented in the README).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+# PyTorch's BatchNorm2d defaults: momentum 0.1 on the new statistic (= 0.9 on the running one).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
+         use_bias: bool = False, name: str | None = None, dtype=jnp.float32) -> nn.Conv:
+    """A square convolution with PyTorch's explicit symmetric padding (default: kernel // 2).
+
+    Explicit padding (not 'SAME') keeps strided convolutions aligned exactly as in the reference.
+    """
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                   kernel_init=kaiming_normal, name=name, dtype=dtype)
+
+
+def batch_norm(train: bool, name: str | None = None, dtype=jnp.float32) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's momentum and epsilon; batch statistics when training."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, name=name, dtype=dtype)
+
+
+dense = functools.partial(nn.Dense, kernel_init=kaiming_normal)

@@ -1,0 +1,108 @@
+"""ImageNet ResNet-18/34 (post-activation basic blocks), laid out like torchvision's.
+
+Every torchvision parameter has exactly one counterpart here: ``conv1``, ``bn1``,
+``layer{L}_{i}`` blocks with ``conv1``/``bn1``/``conv2``/``bn2`` and, where the shape changes,
+``downsample_0`` (1×1 conv) and ``downsample_1`` (BN), then ``fc``. :func:`from_torchvision`
+converts a torchvision ``state_dict`` (as NumPy arrays) into Flax variables.
+
+Sown activations: ``layer1`` … ``layer4`` (outputs of each group of blocks, after the final ReLU),
+as used by the paper's ImageNet and transfer-learning experiments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from at_jax.models.common import batch_norm, conv, dense
+
+STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = conv(self.features, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = conv(self.features, 3, 1, name="conv2", dtype=self.dtype)(y)
+        y = batch_norm(train, "bn2", self.dtype)(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = conv(self.features, 1, self.stride, padding=0, name="downsample_0",
+                     dtype=self.dtype)(x)
+            x = batch_norm(train, "downsample_1", self.dtype)(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: Sequence[int] = STAGE_SIZES[18]
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = conv(64, 7, 2, padding=3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (size, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+            for i in range(size):
+                stride = 2 if stage > 0 and i == 0 else 1
+                x = BasicBlock(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
+            self.sow("intermediates", f"layer{stage + 1}", x)
+        x = jnp.mean(x, axis=(1, 2))
+        return dense(self.num_classes, name="fc", dtype=self.dtype)(x).astype(jnp.float32)
+
+
+_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def from_torchvision(state_dict: Mapping[str, Any]) -> dict:
+    """Convert a torchvision ResNet ``state_dict`` into ``{'params': ..., 'batch_stats': ...}``.
+
+    Keys such as ``layer2.0.downsample.1.running_var`` become
+    ``batch_stats/layer2_0/downsample_1/var``; conv kernels go from OIHW to HWIO and the fc weight
+    is transposed. ``num_batches_tracked`` entries are ignored.
+    """
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for key, value in state_dict.items():
+        value = np.asarray(value)
+        parts = key.split(".")
+        field = parts[-1]
+        if field == "num_batches_tracked":
+            continue
+        module = parts[:-1]
+        # layer2.0.downsample.1 -> layer2_0 / downsample_1
+        path = []
+        i = 0
+        while i < len(module):
+            if i + 1 < len(module) and module[i + 1].isdigit():
+                path.append(f"{module[i]}_{module[i + 1]}")
+                i += 2
+            else:
+                path.append(module[i])
+                i += 1
+        leaf_name = path[-1]
+        is_bn = leaf_name.startswith("bn") or leaf_name == "downsample_1"
+        if is_bn:
+            collection, name = _BN_FIELDS[field]
+        elif value.ndim == 4:
+            collection, name, value = "params", "kernel", value.transpose(2, 3, 1, 0)
+        elif field == "weight":
+            collection, name, value = "params", "kernel", value.T
+        else:
+            collection, name = "params", "bias"
+        node = variables[collection]
+        for p in path:
+            node = node.setdefault(p, {})
+        if name in node:
+            raise ValueError(f"duplicate torchvision key mapped to {'/'.join(path)}/{name}: {key}")
+        node[name] = jnp.asarray(value)
+    return variables

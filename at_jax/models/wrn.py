@@ -1,0 +1,82 @@
+"""Wide Residual Networks for CIFAR-sized inputs, exactly as the attention-transfer reference code.
+
+WRN-D-K: depth D = 6n + 4, n pre-activation blocks per group, group widths (16, 32, 64) × K,
+group strides 1, 2, 2. The stem (3×3 conv to 16 channels) is not widened. A block is
+BN-ReLU-conv3×3-BN-ReLU-conv3×3; when the channel count changes the shortcut is a 1×1 conv
+(same stride) applied to the *pre-activated* input. Head: BN-ReLU-global average pool-dense.
+
+Sown activations (collection ``intermediates``):
+  ``group0``, ``group1``, ``group2``       raw residual sums at the end of each group (before BN/ReLU)
+  ``group{g}.block{i}``                    raw residual sum after every block (same-depth pairing)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from at_jax.models.common import batch_norm, conv, dense
+
+BASE_WIDTHS = (16, 32, 64)
+GROUP_STRIDES = (1, 2, 2)
+
+
+def blocks_per_group(depth: int) -> int:
+    """Number of blocks per group for a WRN of the given depth (depth = 6n + 4)."""
+    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(
+            f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}")
+    return (depth - 4) // 6
+
+
+class WRNBlock(nn.Module):
+    """Pre-activation basic block of the reference code."""
+
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        o1 = nn.relu(batch_norm(train, "bn0", self.dtype)(x))
+        y = conv(self.features, 3, self.stride, name="conv0", dtype=self.dtype)(o1)
+        o2 = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        z = conv(self.features, 3, 1, name="conv1", dtype=self.dtype)(o2)
+        if x.shape[-1] != self.features:
+            return z + conv(self.features, 1, self.stride, padding=0, name="convdim",
+                            dtype=self.dtype)(o1)
+        if self.stride != 1:
+            raise ValueError("a WRN block that changes resolution must change channels too")
+        return z + x
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width. ``__call__(x, train)`` maps NHWC images to logits and sows group outputs."""
+
+    depth: int = 16
+    width: int = 1
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        n = blocks_per_group(self.depth)
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"WRN width must be a positive integer, got {self.width!r}")
+        x = conv(BASE_WIDTHS[0], 3, name="conv0", dtype=self.dtype)(x.astype(self.dtype))
+        for g, (base, stride) in enumerate(zip(BASE_WIDTHS, GROUP_STRIDES)):
+            for i in range(n):
+                x = WRNBlock(base * self.width, stride if i == 0 else 1, self.dtype,
+                             name=f"group{g}_block{i}")(x, train)
+                self.sow("intermediates", f"group{g}.block{i}", x)
+            self.sow("intermediates", f"group{g}", x)
+        x = nn.relu(batch_norm(train, "bn", self.dtype)(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return dense(self.num_classes, name="fc", dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def wrn(depth: int, width: int, **kwargs) -> functools.partial:
+    return functools.partial(WideResNet, depth=depth, width=width, **kwargs)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="at_jax",
+    version="0.1.0",
+    description="Attention Transfer (Zagoruyko & Komodakis, ICLR 2017) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["at_jax", "at_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "tfds": ["tensorflow-datasets>=4.9.4"],
+        "viz": ["matplotlib>=3.7"],
+        "dev": ["pytest>=8", "tensorflow-datasets>=4.9.4", "matplotlib>=3.7"],
+    },
+)

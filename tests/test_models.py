@@ -1,0 +1,134 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax.models import forward, from_torchvision, get_model
+
+
+def n_params(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def init_shapes(name, num_classes=10, size=32, channels=3, **kw):
+    model = get_model(name, num_classes=num_classes, **kw)
+    return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, size, size, channels)))
+
+
+@pytest.mark.parametrize("name,count", [("wrn-16-1", 175_066), ("wrn-16-2", 691_674),
+                                        ("wrn-40-1", 563_930), ("wrn-40-2", 2_243_546)])
+def test_wrn_parameter_counts_equal_reference(name, count):
+    _, variables = init_shapes(name)
+    assert n_params(variables["params"]) == count
+
+
+@pytest.mark.parametrize("name,count", [("resnet-18", 11_689_512), ("resnet-34", 21_797_672)])
+def test_resnet_parameter_counts_equal_torchvision(name, count):
+    _, variables = init_shapes(name, num_classes=1000, size=64)
+    assert n_params(variables["params"]) == count
+
+
+def test_nin_sizes_match_paper_and_switches():
+    _, thin = init_shapes("nin-thin")
+    _, wide = init_shapes("nin-wide")
+    assert 0.15e6 < n_params(thin["params"]) < 0.3e6
+    assert 0.8e6 < n_params(wide["params"]) < 1.2e6
+    _, no_bn = init_shapes("nin-thin", batch_norm=False)
+    assert "batch_stats" not in no_bn
+    assert "bias" in no_bn["params"]["block0_conv0"]
+
+
+@pytest.mark.parametrize("size,channels", [(32, 3), (28, 1)])
+def test_wrn_sows_groups_and_blocks(size, channels):
+    model = get_model("wrn-16-1")
+    x = jnp.ones((2, size, size, channels))
+    variables = model.init(jax.random.key(0), x)
+    logits, acts, _ = forward(model, variables, x)
+    assert logits.shape == (2, 10)
+    s = [size, (size + 1) // 2, (size + 3) // 4]
+    for g, (hw, c) in enumerate(zip(s, (16, 32, 64))):
+        assert acts[f"group{g}"].shape == (2, hw, hw, c)
+        for i in range(2):
+            assert acts[f"group{g}.block{i}"].shape == (2, hw, hw, c)
+        np.testing.assert_array_equal(acts[f"group{g}"], acts[f"group{g}.block1"])
+
+
+def test_nin_and_resnet_sow_their_transfer_points():
+    nin = get_model("nin-thin")
+    x = jnp.ones((2, 32, 32, 3))
+    _, acts, _ = forward(nin, nin.init(jax.random.key(0), x), x)
+    assert {k: v.shape for k, v in acts.items()} == {
+        "block0": (2, 32, 32, 64), "block1": (2, 16, 16, 96), "block2": (2, 8, 8, 128)}
+    res = get_model("resnet-18", num_classes=5)
+    x = jnp.ones((1, 64, 64, 3))
+    logits, acts, _ = forward(res, res.init(jax.random.key(0), x), x)
+    assert logits.shape == (1, 5)
+    assert {k: v.shape for k, v in acts.items()} == {
+        "layer1": (1, 16, 16, 64), "layer2": (1, 8, 8, 128), "layer3": (1, 4, 4, 256),
+        "layer4": (1, 2, 2, 512)}
+
+
+def test_apply_without_mutable_returns_logits_and_train_updates_batch_stats():
+    model = get_model("wrn-tiny")
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (4, 10)
+    _, _, stats = forward(model, variables, x, train=True)
+    old = variables["batch_stats"]["bn"]["mean"]
+    assert not np.allclose(stats["bn"]["mean"], old)
+
+
+def test_kaiming_init_scale():
+    model = get_model("wrn-16-2")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    kernel = variables["params"]["group1_block0"]["conv1"]["kernel"]
+    assert kernel.shape == (3, 3, 64, 64)
+    std = np.sqrt(2 / (3 * 3 * 64))
+    assert abs(float(jnp.std(kernel)) - std) < 0.05 * std
+    assert float(jnp.max(jnp.abs(kernel))) > 2.5 * std  # untruncated normal
+
+
+@pytest.mark.parametrize("name,message", [
+    ("wrn-15-1", "6n\\+4"), ("wrn-16-0", "width"), ("vgg-16", "known models: wrn-D-K"),
+])
+def test_bad_model_names_are_explained(name, message):
+    with pytest.raises(ValueError, match=message):
+        get_model(name)
+
+
+def test_bad_override_is_explained():
+    with pytest.raises(ValueError, match="bad override"):
+        get_model("wrn-16-1", colour="red")
+
+
+def test_from_torchvision_maps_every_parameter():
+    model = get_model("resnet-18", num_classes=7)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    # Build a torchvision-style state dict with the torchvision names and layouts.
+    rng = np.random.default_rng(0)
+    state = {}
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    for path, leaf in flat:
+        keys = [p.key for p in path]
+        collection, *modules, field = keys
+        tv_modules = []
+        for m in modules:
+            tv_modules += m.rsplit("_", 1) if m[-1].isdigit() and "_" in m else [m]
+        tv_field = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
+                    "var": "running_var"}[field]
+        shape = leaf.shape
+        if field == "kernel":
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+        state[".".join(tv_modules + [tv_field])] = rng.normal(size=shape).astype(np.float32)
+    state["bn1.num_batches_tracked"] = np.array(3)
+    converted = from_torchvision(state)
+    assert jax.tree.structure(converted) == jax.tree.structure(variables)
+    w = state["layer2.0.downsample.0.weight"]
+    np.testing.assert_array_equal(converted["params"]["layer2_0"]["downsample_0"]["kernel"],
+                                  w.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(converted["batch_stats"]["layer3_1"]["bn2"]["var"],
+                                  state["layer3.1.bn2.running_var"])
+    np.testing.assert_array_equal(converted["params"]["fc"]["kernel"], state["fc.weight"].T)
+    logits = model.apply(converted, jnp.ones((1, 64, 64, 3)))
+    assert logits.shape == (1, 7)
