@@ -1,0 +1,102 @@
+"""Datasets as in-memory arrays: ``load_dataset(data_config) -> Dataset``.
+
+Sources (``config.data.source``): ``"local"`` files users already have (CIFAR python archives,
+IDX files), ``"tfds"`` (``tfds.data_source``), or ``"auto"``: local files first, then TFDS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+
+from at_jax.data.local import find_cifar, find_idx
+
+CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+
+DATASETS = {
+    "cifar10": dict(num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar"),
+    "cifar100": dict(num_classes=100, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar"),
+    "fashion_mnist": dict(num_classes=10, mean=(0.2860,), std=(0.3530,), kind="idx",
+                          default_dirs=("/usr/share/datasets/fashion-mnist",)),
+    "mnist": dict(num_classes=10, mean=(0.1307,), std=(0.3081,), kind="idx",
+                  default_dirs=("/usr/share/datasets/mnist",)),
+}
+HOW_TO_GET = {
+    "cifar": "download cifar-10-python.tar.gz / cifar-100-python.tar.gz from the CIFAR page into "
+             "a folder and set config.data.data_dir to it, or prepare the TFDS dataset",
+    "idx": "on Debian/Ubuntu: apt-get install dataset-fashion-mnist (Fashion-MNIST), or put the "
+           "four IDX files (gzipped or not) in a folder and set config.data.data_dir",
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+    train_images: np.ndarray  # (N, H, W, C) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: tuple
+    std: tuple
+    source: str
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.train_images.shape[1:]
+
+
+def _search_dirs(name: str, data_dir: Optional[str]) -> list[str]:
+    dirs = []
+    if data_dir:
+        dirs += [data_dir, os.path.join(data_dir, name)]
+    env = os.environ.get("AT_JAX_DATA_DIR")
+    if env:
+        dirs += [env, os.path.join(env, name)]
+    dirs += list(DATASETS[name].get("default_dirs", ()))
+    return dirs
+
+
+def load_dataset(name: str, source: str = "auto", data_dir: Optional[str] = None,
+                 train_size: int = 0, test_size: int = 0) -> Dataset:
+    """Load a whole dataset into host memory. ``train_size``/``test_size`` > 0 keep a prefix."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if source not in ("auto", "local", "tfds"):
+        raise ValueError(f"data source must be 'auto', 'local' or 'tfds', got {source!r}")
+    info = DATASETS[name]
+    reader, origin, looked = None, None, []
+    if source in ("auto", "local"):
+        finder = find_cifar if info["kind"] == "cifar" else (lambda _n, d: find_idx(d))
+        for d in _search_dirs(name, data_dir):
+            looked.append(d)
+            if os.path.isdir(d):
+                reader = finder(name, d)
+                if reader is not None:
+                    origin = f"local:{d}"
+                    break
+    if reader is None and source in ("auto", "tfds"):
+        from at_jax.data.tfds_source import load_tfds
+        try:
+            splits = {s: load_tfds(name, s, data_dir) for s in ("train", "test")}
+            reader, origin = splits.__getitem__, f"tfds:{name}"
+        except Exception as e:  # not prepared, not installed, no network
+            if source == "tfds":
+                raise
+            looked.append(f"tfds:{name} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if reader is None:
+        raise FileNotFoundError(f"dataset {name!r} not found; looked in: {'; '.join(looked)}. "
+                                f"To get it: {HOW_TO_GET[info['kind']]}.")
+    train_images, train_labels = reader("train")
+    test_images, test_labels = reader("test")
+    if train_size:
+        train_images, train_labels = train_images[:train_size], train_labels[:train_size]
+    if test_size:
+        test_images, test_labels = test_images[:test_size], test_labels[:test_size]
+    if train_labels.max(initial=0) >= info["num_classes"]:
+        raise ValueError(f"{origin}: label {train_labels.max()} out of range for {name}")
+    return Dataset(train_images, train_labels, test_images, test_labels, info["num_classes"],
+                   info["mean"], info["std"], origin)

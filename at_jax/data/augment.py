@@ -1,0 +1,41 @@
+"""On-device augmentation and normalisation (runs inside the jitted step).
+
+Training: reflect-pad by ``pad`` and take a random crop of the original size, random horizontal
+flip, then normalise with the dataset's mean/std — the reference CIFAR pipeline. Reflect padding
+commutes with the per-pixel normalisation, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(images_u8: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+    x = images_u8.astype(jnp.float32) / 255.0
+    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+
+
+def random_crop(images: jax.Array, key: jax.Array, pad: int) -> jax.Array:
+    """Reflect-pad (B, H, W, C) by ``pad`` and crop each image at a random offset."""
+    if pad == 0:
+        return images
+    b, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def augment(images_u8: jax.Array, key: jax.Array, mean, std, crop_pad: int = 4,
+            flip: bool = True, dtype=jnp.float32) -> jax.Array:
+    """Training view of a uint8 batch: normalise, random crop (reflect pad), random flip."""
+    crop_key, flip_key = jax.random.split(key)
+    x = normalize(images_u8, mean, std, dtype)
+    x = random_crop(x, crop_key, crop_pad)
+    return random_flip(x, flip_key) if flip else x

@@ -1,0 +1,20 @@
+"""CIFAR-10: WRN teachers and students for every column of the paper's Table 1 and Table 2.
+
+    python -m at_jax.main --config configs/cifar10.py:teacher --workdir runs/cifar10/wrn-16-2
+    python -m at_jax.main --config configs/cifar10.py:student --workdir runs/cifar10/wrn-16-1
+    python -m at_jax.main --config configs/cifar10.py:at      --workdir runs/cifar10/wrn-16-1-at
+    (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
+     at_fmax1 — see configs/methods.py)
+
+Students read their teacher from runs/cifar10/wrn-16-2 (override with --config.teacher.workdir);
+other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: student 8.77 · AT 7.93 · F-ActT 8.51 · KD 7.41 · AT+KD 7.51 · teacher (WRN-16-2) 6.31 (% test error, paper Table 1, WRN-16-2 → WRN-16-1; 200 epochs, ~1 h per run on one modern GPU).
+"""
+
+from configs import default, methods
+
+TEACHER_WORKDIR = "runs/cifar10/wrn-16-2"
+
+
+def get_config(method: str = "student"):
+    config = default.get_config()
+    return methods.apply_method(config, method, TEACHER_WORKDIR)

@@ -1,0 +1,21 @@
+"""CIFAR-100: WRN teachers and students for every column of the paper's Table 1 and Table 2.
+
+    python -m at_jax.main --config configs/cifar100.py:teacher --workdir runs/cifar100/wrn-16-2
+    python -m at_jax.main --config configs/cifar100.py:student --workdir runs/cifar100/wrn-16-1
+    python -m at_jax.main --config configs/cifar100.py:at      --workdir runs/cifar100/wrn-16-1-at
+    (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
+     at_fmax1 — see configs/methods.py)
+
+Students read their teacher from runs/cifar100/wrn-16-2 (override with --config.teacher.workdir);
+other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: peers report (WRN-40-2 → WRN-16-2, 240 epochs) top-1 accuracy: teacher 75.61, student 73.26, KD 74.92, AT 74.08.
+"""
+
+from configs import default, methods
+
+TEACHER_WORKDIR = "runs/cifar100/wrn-16-2"
+
+
+def get_config(method: str = "student"):
+    config = default.get_config()
+    config.data.name = "cifar100"
+    return methods.apply_method(config, method, TEACHER_WORKDIR)
