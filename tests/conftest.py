@@ -3,3 +3,66 @@ import os
 # Tests run on CPU; a few use 8 simulated devices (set before jax is imported anywhere).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def learnable_images(n, size, rng, num_classes=10):
+    """Images whose class is a bright square's position: learnable in a few steps."""
+    labels = rng.integers(0, num_classes, n)
+    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    cell = size // 4
+    for i, y in enumerate(labels):
+        r, c = divmod(int(y) % 16, 4)
+        images[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 220
+    return images, labels.astype(np.uint8)
+
+
+def make_idx_dataset(directory, n_train=256, n_test=128, size=16, gz=True, seed=0):
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = learnable_images(n, size, rng)
+        write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory):
+    """A tiny Fashion-MNIST-format dataset (16×16 grey, 256 train / 128 test)."""
+    return make_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+def tiny_config(data_dir, method="student", **overrides):
+    """A fast config: WRN-10-1 on the tiny IDX dataset."""
+    from configs import fashion_mnist
+    config = fashion_mnist.get_config(method)
+    config.model = "wrn-tiny"
+    config.data.data_dir = str(data_dir)
+    config.data.source = "local"
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_epochs = 1
+    config.data.augment.crop_pad = 1  # the class is a square's position: keep shifts small
+    config.optimizer.lr = 0.05
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

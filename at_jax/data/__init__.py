@@ -50,9 +50,11 @@ class Dataset:
 
 
 def _search_dirs(name: str, data_dir: Optional[str]) -> list[str]:
-    dirs = []
+    """An explicit ``data_dir`` is the only place searched; otherwise $AT_JAX_DATA_DIR and the
+    dataset's default folders (e.g. Debian's /usr/share/datasets/fashion-mnist)."""
     if data_dir:
-        dirs += [data_dir, os.path.join(data_dir, name)]
+        return [data_dir, os.path.join(data_dir, name)]
+    dirs = []
     env = os.environ.get("AT_JAX_DATA_DIR")
     if env:
         dirs += [env, os.path.join(env, name)]

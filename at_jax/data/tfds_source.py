@@ -16,8 +16,7 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None) -> tuple[np
                           "point config.data.data_dir at local files") from None
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     n = len(source)
-    examples = source.__getitems__(list(range(n))) if hasattr(source, "__getitems__") else \
-        [source[i] for i in range(n)]
+    examples = [source[i] for i in range(n)]
     images = np.stack([np.asarray(e["image"], dtype=np.uint8) for e in examples])
     labels = np.asarray([int(e["label"]) for e in examples], dtype=np.int32)
     return images, labels

@@ -1,0 +1,190 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from at_jax import train, trainer as trainer_lib
+from at_jax.data import load_dataset
+from at_jax.metrics import read_jsonl
+from conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(idx_dir, tmp_path_factory):
+    """A tiny teacher trained for 5 epochs (shared by the student tests)."""
+    workdir = tmp_path_factory.mktemp("teacher")
+    train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
+                             str(workdir), progress=False)
+    return workdir
+
+
+def test_teacher_then_at_kd_student_end_to_end(idx_dir, teacher_dir, tmp_path):
+    teacher_results = json.load(open(teacher_dir / "results.json"))
+    assert teacher_results["epochs"] == 5 and teacher_results["loss_terms"] == ["ce"]
+    # learnable data: the teacher is far better than chance (90% error) after 5 epochs
+    assert teacher_results["final_test_error"] < 50
+
+    config = tiny_config(idx_dir, "at_kd", num_epochs=1)
+    config.teacher.workdir = str(teacher_dir)
+    results = train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert results["teacher_test_error"] == pytest.approx(teacher_results["final_test_error"],
+                                                          abs=1e-4)
+    assert results["loss_terms"] == ["at", "kd"]
+    row = read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
+    for key in ("train/at", "train/kd", "train/loss", "train/error", "test/error", "lr",
+                "images_per_s"):
+        assert np.isfinite(row[key]), key
+    assert row["train/loss"] == pytest.approx(row["train/kd"] + 1e3 * row["train/at"], rel=1e-4)
+    assert os.listdir(tmp_path / "tensorboard")
+    assert json.load(open(tmp_path / "results.json")) == results
+
+
+def run_cli(workdir, *extra, data_dir):
+    cmd = [sys.executable, "-m", "at_jax.main", "--config", "configs/fashion_mnist.py:student",
+           "--workdir", str(workdir), "--config.model=wrn-tiny", "--config.data.source=local",
+           f"--config.data.data_dir={data_dir}", "--config.batch_size=32",
+           "--config.eval_batch_size=64", "--config.optimizer.lr=0.05",
+           "--config.data.augment.crop_pad=1", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "XLA_FLAGS": ""})
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
+    epochs = ["--config.num_epochs=3", "--config.optimizer.lr_decay_epochs=(2,)"]
+    reference = run_cli(tmp_path / "ref", *epochs, data_dir=idx_dir)
+    killed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
+    first_ckpt = tmp_path / "killed" / "checkpoints" / "1"
+    deadline = time.time() + 240
+    while not first_ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "run ended before it could be interrupted"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    assert reference.wait(timeout=300) == 0
+    ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
+    res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
+    assert [r["epoch"] for r in res_rows] == [1, 2, 3]
+    for a, b in zip(ref_rows, res_rows):
+        for key in ("train/loss", "train/error", "test/error", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    ref = json.load(open(tmp_path / "ref" / "results.json"))
+    res = json.load(open(tmp_path / "killed" / "results.json"))
+    assert ref["final_test_error"] == pytest.approx(res["final_test_error"], abs=1e-4)
+
+
+def test_cli_rejects_unknown_config_keys(idx_dir, tmp_path):
+    proc = run_cli(tmp_path, "--config.learning_rate=0.1", data_dir=idx_dir)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "learning_rate" in out
+
+
+def make_trainer(config, data, mesh):
+    steps = len(data.train_labels) // config.batch_size
+    return trainer_lib.Trainer(config, data.num_classes, data.image_shape, data.mean, data.std,
+                               steps, None, mesh)
+
+
+def test_sharded_step_equals_single_device(idx_dir):
+    assert len(jax.devices()) == 8
+    config = tiny_config(idx_dir, "student")
+    data = load_dataset("fashion_mnist", "local", str(idx_dir))
+    idx = jnp.arange(32, dtype=jnp.int32)[None]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        tr = make_trainer(config, data, Mesh(np.asarray(devices), ("data",)))
+        state = tr.init_state()
+        images = jax.device_put(data.train_images, tr.replicated)
+        labels = jax.device_put(data.train_labels, tr.replicated)
+        idx_sharded = jax.device_put(idx, tr.batch_sharded)
+        state, sums = tr.train_step(state, tr.empty_sums(), images, labels, idx_sharded)
+        assert len(state.params["student"]["fc"]["kernel"].sharding.device_set) == len(devices)
+        results.append((jax.device_get(state.params), jax.device_get(sums)))
+    (p1, s1), (p8, s8) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), p1, p8)
+    np.testing.assert_allclose(s1["train/loss"], s8["train/loss"], rtol=1e-5)
+
+
+def test_two_seeds_train_independently_in_one_program(idx_dir, tmp_path):
+    config = tiny_config(idx_dir, "student", num_seeds=2)
+    results = train.train_and_evaluate(config, str(tmp_path), progress=False)
+    per_seed = results["final_test_error_per_seed"]
+    assert len(per_seed) == 2
+    assert results["final_test_error"] == pytest.approx(np.median(per_seed))
+    from orbax.checkpoint import CheckpointManager
+    restored = CheckpointManager(str(tmp_path / "checkpoints")).restore(1)
+    kernel = restored["params"]["student"]["conv0"]["kernel"]
+    assert kernel.shape[0] == 2 and not np.allclose(kernel[0], kernel[1])
+
+
+def test_missing_teacher_is_explained(idx_dir, tmp_path):
+    config = tiny_config(idx_dir, "at")
+    config.teacher.workdir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+        train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
+    config.teacher.workdir = ""
+    with pytest.raises(ValueError, match="no teacher is set"):
+        train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
+
+
+def test_teacher_checkpoint_that_does_not_match_its_config(idx_dir, teacher_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, copy)
+    saved = json.load(open(copy / "config.json"))
+    saved["model"] = "wrn-16-1"
+    json.dump(saved, open(copy / "config.json", "w"))
+    config = tiny_config(idx_dir, "at")
+    config.teacher.workdir = str(copy)
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
+
+
+def test_bad_batch_size_and_missing_data(idx_dir, tmp_path):
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        train.train_and_evaluate(tiny_config(idx_dir, batch_size=30), str(tmp_path),
+                                 progress=False)
+    with pytest.raises(FileNotFoundError, match="looked in"):
+        train.train_and_evaluate(tiny_config(tmp_path / "empty"), str(tmp_path), progress=False)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
+    config = tiny_config(idx_dir, num_epochs=3)
+    config.optimizer.lr_decay_epochs = (1,)
+    config.optimizer.lr_decay_factor = 1e30  # epoch 2 explodes
+    with pytest.raises(train.TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
+        train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert not (tmp_path / "results.json").exists()
+    assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1]
+
+
+def test_method_configs_compose_terms():
+    from configs import cifar10, cifar100, fashion_mnist, methods
+    for module in (cifar10, cifar100, fashion_mnist):
+        for method in methods.METHODS:
+            config = module.get_config(method)
+            from at_jax.losses import validate_terms
+            active = validate_terms(dict(config.loss))
+            assert active, method
+    config = cifar10.get_config("at_kd_decay")
+    assert config.loss.at.weight_schedule == "lr" and config.loss.ce.weight == 0
+    assert cifar10.get_config("at_fmax1").loss.at.reduce == "max"
+    assert cifar100.get_config("teacher").data.name == "cifar100"
+    assert cifar10.get_config("kd").teacher.workdir == "runs/cifar10/wrn-16-2"
+    with pytest.raises(ValueError, match="unknown method"):
+        cifar10.get_config("distill")
