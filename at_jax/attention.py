@@ -18,6 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from at_jax.precision import upcast
+
 EPSILON = 1e-12
 REDUCTIONS = ("sum", "mean", "max")
 NORMALIZATIONS = ("l2", "l1", None)
@@ -33,11 +35,11 @@ def _check_options(p: float, reduce: str, normalize: Optional[str]) -> None:
 
 
 def spatial_map(a: jax.Array, p: float = 2.0, reduce: str = "mean") -> jax.Array:
-    """Unnormalised 2-D attention: (B, H, W, C) -> (B, H, W) of reduce_c |a_c|^p (in float32)."""
+    """Unnormalised 2-D attention: (B, H, W, C) -> (B, H, W) of reduce_c |a_c|^p (at least float32)."""
     _check_options(p, reduce, None)
     if a.ndim != 4:
         raise ValueError(f"attention maps take NHWC activations (4 dims), got shape {a.shape}")
-    a = a.astype(jnp.float32)
+    a = upcast(a)
     powered = a * a if p == 2 else jnp.abs(a) ** p
     return {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max}[reduce](powered, axis=-1)
 

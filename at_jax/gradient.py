@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from at_jax import losses
+from at_jax.precision import upcast
 
 BN_MODES = ("batch_stats", "frozen")
 
@@ -42,7 +43,7 @@ def input_gradient(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Arra
     def summed_ce(x):
         logits = logits_fn(x)
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels).sum()
+            upcast(logits), labels).sum()
     return jax.grad(summed_ce)(images)
 
 
@@ -77,7 +78,7 @@ def input_gradient_quantities(student_fn_factory, params, batch_stats,
 
 def _per_example_norm(x: jax.Array, squared: bool = False) -> jax.Array:
     """Mean over the batch of each example's l2 norm (differentiable at 0)."""
-    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    flat = upcast(x.reshape(x.shape[0], -1))
     if squared:
         return jnp.mean(jnp.sum(flat * flat, axis=-1))
     return jnp.mean(optax.safe_norm(flat, 0.0, axis=-1))

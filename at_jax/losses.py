@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from at_jax.attention import attention_map, normalize_rows, resize_map
+from at_jax.precision import upcast
 
 AT_MODES = ("code", "paper")
 
@@ -35,7 +36,7 @@ AT_MODES = ("code", "paper")
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy with integer labels."""
     return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
+        upcast(logits), labels).mean()
 
 
 def at_loss(student_act: jax.Array, teacher_act: jax.Array, p: float = 2.0,
@@ -63,8 +64,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
             temperature: float = 4.0, alpha: float = 0.9) -> jax.Array:
     """Hinton's knowledge distillation exactly as the reference ``distillation()``."""
     t = temperature
-    log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
-    log_q = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    log_p = jax.nn.log_softmax(upcast(student_logits) / t, axis=-1)
+    log_q = jax.nn.log_softmax(upcast(teacher_logits) / t, axis=-1)
     kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1).mean() * t * t
     return alpha * kl + (1.0 - alpha) * cross_entropy(student_logits, labels)
 
@@ -77,8 +78,7 @@ def factt_loss(student_act: jax.Array, teacher_act: jax.Array) -> jax.Array:
     if student_act.shape[-1] != teacher_act.shape[-1]:
         raise ValueError(f"F-ActT needs equal channel counts (got {student_act.shape[-1]} and "
                          f"{teacher_act.shape[-1]}); adapt the student with a 1x1 conv first")
-    s = student_act.astype(jnp.float32)
-    t = teacher_act.astype(jnp.float32)
+    s, t = upcast(student_act), upcast(teacher_act)
     if s.shape[1:3] != t.shape[1:3]:
         size = min(s.shape[1:3], t.shape[1:3], key=lambda hw: hw[0] * hw[1])
         s, t = (_resize_nhwc(x, size) for x in (s, t))

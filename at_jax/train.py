@@ -199,10 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             means = {k: v / count for k, v in sums.items()}
             if not all(np.isfinite(v).all() for v in means.values()):
                 bad = {k: v.tolist() for k, v in means.items() if not np.isfinite(v).all()}
+                last = manager.latest_step()
+                kept = f"the last good checkpoint (epoch {last}) is kept" if last else \
+                    "no checkpoint was written"
                 raise TrainingDiverged(
                     f"loss is NaN/Inf at epoch {epoch} ({bad}); stopped without saving this "
-                    f"epoch — the last good checkpoint (epoch {manager.latest_step()}) is kept. "
-                    "Lower config.optimizer.lr or the transfer-term weights and rerun.")
+                    f"epoch — {kept}. Lower config.optimizer.lr or the transfer-term weights "
+                    "and rerun.")
             test_err = test_error(state)
             row = {"epoch": epoch, "step": int(epoch * steps), "lr": lr,
                    "images_per_s": steps * config.batch_size * trainer.num_seeds / train_time,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import flax.linen as nn
+from flax import traverse_util
 
 from at_jax.models.nin import NIN, THIN_WIDTHS, WIDE_WIDTHS
 from at_jax.models.resnet import STAGE_SIZES, ResNet, from_torchvision
@@ -55,14 +56,16 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
 def forward(model: nn.Module, variables, x, train: bool = False):
     """Run ``model`` and collect its sown activations.
 
-    Returns ``(logits, activations, new_batch_stats)``: activations map sown names to arrays;
+    Returns ``(logits, activations, new_batch_stats)``: activations map sown names to arrays
+    (names sown inside submodules are joined with ``/``, e.g. ``backbone/group0``);
     ``new_batch_stats`` is the updated BN state when ``train`` (else ``None``).
     """
     mutable = ["intermediates"]
     if train and "batch_stats" in variables:
         mutable.append("batch_stats")
     logits, state = model.apply(variables, x, train=train, mutable=mutable)
-    acts = {name: value[0] for name, value in state.get("intermediates", {}).items()}
+    flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})), sep="/")
+    acts = {name: value[0] for name, value in flat.items()}
     return logits, acts, state.get("batch_stats")
 
 

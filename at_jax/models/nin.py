@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from at_jax.precision import upcast
 from at_jax.models.common import batch_norm, conv, dense
 
 THIN_WIDTHS = (64, 96, 128)
@@ -54,4 +55,4 @@ class NIN(nn.Module):
             if b < last_block:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.mean(x, axis=(1, 2))
-        return dense(self.num_classes, name="fc", dtype=self.dtype)(x).astype(jnp.float32)
+        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))

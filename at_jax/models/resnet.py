@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax.precision import upcast
 from at_jax.models.common import batch_norm, conv, dense
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -57,7 +58,7 @@ class ResNet(nn.Module):
                 x = BasicBlock(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
             self.sow("intermediates", f"layer{stage + 1}", x)
         x = jnp.mean(x, axis=(1, 2))
-        return dense(self.num_classes, name="fc", dtype=self.dtype)(x).astype(jnp.float32)
+        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
 
 
 _BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),

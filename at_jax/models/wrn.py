@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from at_jax.precision import upcast
 from at_jax.models.common import batch_norm, conv, dense
 
 BASE_WIDTHS = (16, 32, 64)
@@ -75,7 +76,7 @@ class WideResNet(nn.Module):
             self.sow("intermediates", f"group{g}", x)
         x = nn.relu(batch_norm(train, "bn", self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
-        return dense(self.num_classes, name="fc", dtype=self.dtype)(x).astype(jnp.float32)
+        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
 
 
 def wrn(depth: int, width: int, **kwargs) -> functools.partial:

@@ -1,0 +1,151 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax import gradient, losses
+from at_jax.models import NIN, forward
+from conftest import tiny_config
+
+
+def tiny_nin(**kw):
+    return NIN(widths=(3, 4), num_classes=3, batch_norm=False, relu_before_pool=False,
+               dtype=jnp.float64, **kw)
+
+
+def outputs_for(student, params, teacher, t_vars, x, y, bn_mode="batch_stats", stats=None):
+    def factory(p, bs, train):
+        variables = {"params": p["student"], **({"batch_stats": bs} if bs else {})}
+        return lambda z: forward(student, variables, z, train=train)
+    logits, acts, _ = factory(params, stats, True)(x)
+    teacher_fn = lambda z: forward(teacher, t_vars, z)  # noqa: E731
+    t_logits, t_acts, _ = teacher_fn(x)
+    return losses.StepOutputs(x, y, logits, acts, t_logits, t_acts, lazy=gradient.
+                              input_gradient_quantities(factory, params, stats, teacher_fn, x, y,
+                                                        bn_mode))
+
+
+def test_input_gradient_and_second_order_gradient_match_finite_differences():
+    with jax.enable_x64(True):
+        student, teacher = tiny_nin(), tiny_nin()
+        x = jax.random.normal(jax.random.key(0), (3, 8, 8, 2), jnp.float64)
+        y = jnp.array([0, 2, 1])
+        def f64(tree):
+            # float64, and jittered so that no ReLU input sits exactly on its kink (zero biases
+            # after an all-zero ReLU output would), where finite differences and autodiff differ
+            leaves, treedef = jax.tree.flatten(tree)
+            keys = jax.random.split(jax.random.key(9), len(leaves))
+            return jax.tree.unflatten(treedef, [
+                a.astype(jnp.float64) + 0.05 * jax.random.normal(k, a.shape, jnp.float64)
+                for a, k in zip(leaves, keys)])
+
+        params = {"student": f64(student.init(jax.random.key(1), x)["params"])}
+        t_vars = f64(teacher.init(jax.random.key(2), x))
+        objective = losses.make_objective({"ce": {"weight": 1.0}, "grad_at": {"weight": 3.0},
+                                           "min_l2": {"weight": 2.0}, "symmetry": {"weight": 1.5},
+                                           "at": {"weight": 10.0}, "kd": {"weight": 0.5}})
+
+        # J equals a direct jax.grad of the summed CE w.r.t. the input
+        out = outputs_for(student, params, teacher, t_vars, x, y)
+        direct = jax.grad(lambda z: -jnp.sum(jax.nn.log_softmax(
+            student.apply({"params": params["student"]}, z))[jnp.arange(3), y]))(x)
+        np.testing.assert_allclose(out.get("student_input_grad"), direct, rtol=1e-10)
+
+        def loss(p):
+            return objective(outputs_for(student, p, teacher, t_vars, x, y))[0]
+
+        grads = jax.grad(loss)(params)
+        direction = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype),
+                                 params)
+        eps = 1e-6
+        shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)  # noqa: E731
+        numeric = (loss(shift(eps)) - loss(shift(-eps))) / (2 * eps)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
+                                                        jax.tree.leaves(direction)))
+        assert analytic.dtype == jnp.float64
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+        # the second-order part is real: without differentiating through J the gradient differs
+        detached = jax.grad(lambda p: objective(outputs_for(student, p, teacher, t_vars, x, y)
+                                                )[1]["ce"])(params)
+        assert not np.allclose(jax.tree.leaves(detached)[0], jax.tree.leaves(grads)[0])
+
+
+class FlipInvariant(nn.Module):
+    """Averages a NIN over an image and its mirror: exactly flip-invariant."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        net = NIN(widths=(4, 4), num_classes=3, batch_norm=False)
+        return 0.5 * (net(x) + net(x[:, :, ::-1, :]))
+
+
+def test_symmetry_penalty_is_zero_exactly_for_a_flip_invariant_model():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    y = jnp.array([0, 1, 2, 0])
+    for model, invariant in ((FlipInvariant(), True), (NIN(widths=(4, 4), num_classes=3,
+                                                           batch_norm=False), False)):
+        params = {"student": model.init(jax.random.key(1), x)["params"]}
+        out = outputs_for(model, params, model, {"params": params["student"]}, x, y)
+        value = float(gradient.symmetry_term(out))
+        if invariant:
+            assert value < 1e-6
+        else:
+            assert value > 1e-3
+        # grad_at against itself is zero, min_l2 is not
+        assert float(gradient.grad_at_term(out)) < 1e-7
+        assert float(gradient.min_l2_term(out)) > 1e-4
+
+
+def test_bn_modes_differ_with_batch_norm_and_are_validated():
+    model = NIN(widths=(4, 4), num_classes=3, batch_norm=True)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * 3 + 1
+    y = jnp.array([0, 1, 2, 0])
+    variables = model.init(jax.random.key(1), x)
+    params = {"student": variables["params"]}
+    grads = {mode: outputs_for(model, params, model, variables, x, y, mode,
+                               variables["batch_stats"]).get("student_input_grad")
+             for mode in gradient.BN_MODES}
+    assert not np.allclose(grads["batch_stats"], grads["frozen"])
+    with pytest.raises(ValueError, match="bn_mode must be one of"):
+        outputs_for(model, params, model, variables, x, y, "both", variables["batch_stats"])
+
+
+def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, tmp_path):
+    from at_jax import train
+    from configs import table3
+    from at_jax.metrics import read_jsonl
+    teacher = table3.get_config("teacher,fashion_mnist")
+    student = table3.get_config("grad_at,fashion_mnist")
+    student.loss.at.weight = 10.0  # β=1e3 diverges on this 16×16 toy without BN
+    student.loss.kd.weight = 0.5
+    student.loss.symmetry.weight = 0.5
+    t_cfg = tiny_config(idx_dir, num_epochs=1)
+    for config in (teacher, student):
+        for key in ("data", "batch_size", "eval_batch_size"):
+            config[key] = t_cfg[key]
+        config.data.augment.crop_pad = 0
+        config.optimizer.lr = 0.02
+    teacher.num_epochs = 1
+    student.num_epochs = 4
+    train.train_and_evaluate(teacher, str(tmp_path / "t"), progress=False)
+    student.teacher.workdir = str(tmp_path / "t")
+    results = train.train_and_evaluate(student, str(tmp_path / "s"), progress=False)
+    assert results["loss_terms"] == ["at", "ce", "grad_at", "kd", "symmetry"]
+    rows = read_jsonl(str(tmp_path / "s" / "metrics.jsonl"))
+    assert all(r["train/grad_at"] > 0 and r["train/symmetry"] > 0 for r in rows)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_table3_configs():
+    from configs import table3
+    for method in table3.METHODS:
+        for ds in table3.DATASETS:
+            config = table3.get_config(f"{method},{ds}")
+            assert config.data.name == ds and config.optimizer.weight_decay == 0
+            assert config.data.augment.crop_pad == 0 and config.data.augment.flip
+            losses.validate_terms(dict(config.loss))
+    assert table3.get_config("baseline").model_overrides.batch_norm is False
+    assert table3.get_config("teacher").model == "nin-wide"
+    with pytest.raises(ValueError, match="unknown Table 3 method"):
+        table3.get_config("jacobian")
