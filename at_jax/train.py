@@ -179,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     def test_error(st) -> np.ndarray:
         fn = lambda x, y, m: trainer.eval_step(st.params, st.batch_stats, x, y, m)  # noqa: E731
-        errors = trainer_lib._batched_errors(fn, data.test_images, data.test_labels, eval_batch)
+        errors = trainer_lib.batched_errors(fn, data.test_images, data.test_labels, eval_batch)
         return 100.0 * errors / len(data.test_labels)
 
     try:

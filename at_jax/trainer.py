@@ -12,7 +12,6 @@ and the step is ``jax.vmap``-ed over it (``config.num_seeds``). The batch axis i
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable, Optional
 
 import flax
@@ -236,10 +235,10 @@ def evaluate_teacher(teacher: Teacher, images, labels, mean, std, batch_size: in
         logits = teacher.model.apply(teacher.variables, aug.normalize(x, mean, std), train=False)
         return jnp.sum((jnp.argmax(logits, -1) != y) * mask)
 
-    return 100.0 * _batched_errors(errors, images, labels, batch_size) / len(labels)
+    return 100.0 * batched_errors(errors, images, labels, batch_size) / len(labels)
 
 
-def _batched_errors(errors_fn, images, labels, batch_size):
+def batched_errors(errors_fn, images, labels, batch_size):
     """Sum ``errors_fn`` over fixed-size batches, padding the last one (masked) to avoid recompiles."""
     total = 0
     n = len(labels)
