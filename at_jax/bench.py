@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from at_jax import trainer as trainer_lib
+from at_jax import devices, trainer as trainer_lib
 from at_jax.models import get_model
 from at_jax.data import CIFAR_MEAN, CIFAR_STD
 from configs import default, methods
@@ -89,6 +89,7 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
 
 def main(argv):
     del argv
+    devices.use_cpu_cores(FLAGS.batch)
     print(json.dumps(run(FLAGS.method, FLAGS.student, FLAGS.teacher, FLAGS.batch, FLAGS.steps,
                          FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size)))
 

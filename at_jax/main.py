@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from at_jax import train
+from at_jax import devices, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    devices.use_cpu_cores(FLAGS.config.batch_size)  # before any JAX computation
     if FLAGS.distributed:
         import jax
         jax.distributed.initialize()

@@ -40,6 +40,52 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Fields that may change when a run is resumed (extending it, moving its data); any other change
+# means a different run, which must not be mixed into this workdir's checkpoints.
+RESUMABLE_KEYS = ("num_epochs", "checkpoint_every_epochs", "keep_checkpoints", "eval_batch_size",
+                  "data.data_dir", "data.source")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+        return flat
+    return {prefix: tree}
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raise if ``workdir`` holds a run whose saved config differs from ``config`` in more than
+    :data:`RESUMABLE_KEYS`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    new = _flatten(json.loads(config.to_json()))
+    differ = sorted(k for k in set(saved) | set(new)
+                    if saved.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                          for k in differ[:6])
+        raise ValueError(
+            f"{workdir!r} holds a run with a different config ({shown}"
+            f"{', ...' if len(differ) > 6 else ''}). Use a new --workdir for a new run, or delete "
+            f"{workdir!r} to start over; only {', '.join(RESUMABLE_KEYS)} may change on resume.")
+
+
+def _finished_results(workdir: str, config: ml_collections.ConfigDict) -> Optional[dict]:
+    """The saved results of this exact run if it already finished, else None."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    done = results.get("epochs") == config.num_epochs
+    return results if done and results.get("config_hash") == config_hash(config) else None
+
+
 def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
@@ -102,11 +148,6 @@ def _dataset_classes(config) -> Optional[int]:
 
 # --------------------------------------------------------------------------- the run
 
-def _global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from data every process holds in full (works single- and multi-host)."""
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
-
-
 def epoch_indices(config, epoch: int, n_train: int, steps: int) -> np.ndarray:
     """(steps, seeds, batch) example indices: a fresh permutation per seed and epoch, derived from
     (seed, epoch) alone so that a resumed run sees exactly the batches an uninterrupted one would."""
@@ -129,11 +170,34 @@ def _validate(config, data: Dataset, n_devices: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run described by ``config`` in ``workdir``; returns the results."""
+    """Train (or resume) the run described by ``config`` in ``workdir``; returns the results.
+
+    A finished run with the same config returns its saved results without training again."""
     start_time = time.time()
     os.makedirs(workdir, exist_ok=True)
     config = ml_collections.ConfigDict(config)
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    try:
+        return _run(config, workdir, manager, progress, start_time)
+    finally:
+        manager.close()
+
+
+def _run(config, workdir: str, manager: ocp.CheckpointManager, progress: bool,
+         start_time: float) -> dict[str, Any]:
     is_main = jax.process_index() == 0
+    start_epoch = manager.latest_step() or 0
+    if start_epoch or os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
+        check_same_run(workdir, config)
+    if start_epoch > config.num_epochs:
+        raise ValueError(f"{workdir!r} has a checkpoint at epoch {start_epoch}, beyond "
+                         f"config.num_epochs={config.num_epochs}; use a new --workdir")
+    finished = _finished_results(workdir, config)
+    if finished is not None:
+        if progress and is_main:
+            print(f"{workdir}: finished earlier ({finished['epochs']} epochs), results reused",
+                  flush=True)
+        return finished
 
     data = load_dataset(config.data.name, config.data.source, config.data.data_dir or None,
                         config.data.train_size, config.data.test_size)
@@ -147,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         teacher, teacher_cfg = load_teacher(config.teacher.workdir, data.num_classes,
                                             data.image_shape, config.teacher.seed_index)
         teacher_error = trainer_lib.evaluate_teacher(teacher, data.test_images, data.test_labels,
-                                                     data.mean, data.std)
+                                                     data.mean, data.std, mesh=mesh)
         logging.info("teacher %s from %s: test error %.2f%%", teacher_cfg.model,
                      config.teacher.workdir, teacher_error)
         if progress and is_main:
@@ -160,8 +224,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
         write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
 
-    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-    start_epoch = manager.latest_step() or 0
     state = trainer.init_state()
     if start_epoch:
         target = serialization.to_state_dict(state)
@@ -172,20 +234,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             print(f"resuming {workdir} from epoch {start_epoch}", flush=True)
 
     replicated = trainer.replicated
-    train_images = _global_array(data.train_images, replicated)
-    train_labels = _global_array(data.train_labels, replicated)
+    train_images = trainer_lib.global_array(data.train_images, replicated)
+    train_labels = trainer_lib.global_array(data.train_labels, replicated)
     writer = MetricsWriter(workdir, start_epoch, enabled=is_main)
-    eval_batch = min(config.eval_batch_size, len(data.test_labels))
+    eval_batch = trainer_lib.eval_batch_size(config.eval_batch_size, len(data.test_labels),
+                                             mesh.size)
 
     def test_error(st) -> np.ndarray:
         fn = lambda x, y, m: trainer.eval_step(st.params, st.batch_stats, x, y, m)  # noqa: E731
-        errors = trainer_lib.batched_errors(fn, data.test_images, data.test_labels, eval_batch)
+        errors = trainer_lib.batched_errors(fn, data.test_images, data.test_labels, eval_batch,
+                                            mesh)
         return 100.0 * errors / len(data.test_labels)
 
     try:
         for epoch in range(start_epoch + 1, config.num_epochs + 1):
             idx = epoch_indices(config, epoch, len(data.train_labels), steps)
-            idx = _global_array(idx, NamedSharding(mesh, P(None, None, "data")))
+            idx = trainer_lib.global_array(idx, NamedSharding(mesh, P(None, None, "data")))
             sums = trainer.empty_sums()
             lr = float(trainer.schedule(int((epoch - 1) * steps)))
             t0 = time.time()
@@ -224,10 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 manager.save(epoch, args=ocp.args.StandardSave(serialization.to_state_dict(state)))
         manager.wait_until_finished()
     finally:
-        manager.close()
         writer.close()
 
-    results = _results(config, writer.history, teacher_error, time.time() - start_time)
+    earlier = sum(r.get("epoch_time_s", 0.0) for r in writer.history if r["epoch"] <= start_epoch)
+    results = _results(config, writer.history, teacher_error, earlier + time.time() - start_time)
     if is_main:
         write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
     return results

@@ -8,6 +8,7 @@ import pytest
 from at_jax.attention import attention_map
 from at_jax.losses import (FActTAdapters, StepOutputs, at_loss, cross_entropy, factt_loss,
                            kd_loss, make_objective, pair_activations)
+from conftest import init
 
 
 def np_attention(x_nchw, p, reduce, normalize):
@@ -188,8 +189,8 @@ def test_at_gradient_reaches_the_student_transfer_path_only():
     from at_jax.models import forward, get_model
     student, teacher = get_model("wrn-tiny"), get_model("wrn-16-1")
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    sv = student.init(jax.random.key(1), x)
-    tv = teacher.init(jax.random.key(2), x)
+    sv = init(student, 1, x)
+    tv = init(teacher, 2, x)
     t_logits, t_acts, _ = forward(teacher, tv, x)
     objective = make_objective({"at": {"weight": 1000.0}})
 
@@ -197,9 +198,33 @@ def test_at_gradient_reaches_the_student_transfer_path_only():
         s_logits, s_acts, _ = forward(student, {**sv, "params": s_params}, x, train=True)
         return objective(StepOutputs(x, jnp.array([1, 2]), s_logits, s_acts, t_logits, t_acts))[0]
 
-    grads = jax.grad(loss_fn)(sv["params"])
+    grads = jax.jit(jax.grad(loss_fn))(sv["params"])
     assert float(jnp.abs(grads["group2_block0"]["conv1"]["kernel"]).sum()) > 0
     assert float(jnp.abs(grads["conv0"]["kernel"]).sum()) > 0
     # the head (final BN and fc) lies after the last transfer point: AT alone cannot reach it
     assert float(jnp.abs(grads["fc"]["kernel"]).sum()) == 0
     assert float(jnp.abs(grads["bn"]["scale"]).sum()) == 0
+
+
+def test_attention_distance_is_zero_for_the_teacher_itself_and_grows_with_difference():
+    from at_jax.analysis import attention_distance
+    from at_jax.models import get_model
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    model = get_model("wrn-tiny", num_classes=10)
+    v1 = init(model, 0, jnp.zeros((1, 16, 16, 1)))
+    v2 = init(model, 1, jnp.zeros((1, 16, 16, 1)))
+    same = attention_distance((model, v1), (model, v1), images, 0.5, 0.25, batch_size=2)
+    assert set(same) == {"group0<-group0", "group1<-group1", "group2<-group2", "mean"}
+    assert max(same.values()) < 1e-5
+    other = attention_distance((model, v2), (model, v1), images, 0.5, 0.25, batch_size=2)
+    assert 0 < other["mean"] <= np.sqrt(2) + 1e-6
+    # the per-image mean equals the distance computed directly on all images at once
+    from at_jax.data.augment import normalize
+    from at_jax.models import forward
+    x = normalize(images, 0.5, 0.25)
+    a1, a2 = forward(model, v1, x)[1], forward(model, v2, x)[1]
+    direct = np.linalg.norm(attention_map(a2["group1"]) - attention_map(a1["group1"]), axis=-1)
+    np.testing.assert_allclose(other["group1<-group1"], direct.mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one image"):
+        attention_distance((model, v2), (model, v1), images[:0], 0.5, 0.25)

@@ -6,7 +6,7 @@ import pytest
 
 from at_jax import gradient, losses
 from at_jax.models import NIN, forward
-from conftest import tiny_config
+from conftest import tiny_config, init
 
 
 def tiny_nin(**kw):
@@ -40,8 +40,8 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
                 a.astype(jnp.float64) + 0.05 * jax.random.normal(k, a.shape, jnp.float64)
                 for a, k in zip(leaves, keys)])
 
-        params = {"student": f64(student.init(jax.random.key(1), x)["params"])}
-        t_vars = f64(teacher.init(jax.random.key(2), x))
+        params = {"student": f64(init(student, 1, x)["params"])}
+        t_vars = f64(init(teacher, 2, x))
         objective = losses.make_objective({"ce": {"weight": 1.0}, "grad_at": {"weight": 3.0},
                                            "min_l2": {"weight": 2.0}, "symmetry": {"weight": 1.5},
                                            "at": {"weight": 10.0}, "kd": {"weight": 0.5}})
@@ -85,7 +85,7 @@ def test_symmetry_penalty_is_zero_exactly_for_a_flip_invariant_model():
     y = jnp.array([0, 1, 2, 0])
     for model, invariant in ((FlipInvariant(), True), (NIN(widths=(4, 4), num_classes=3,
                                                            batch_norm=False), False)):
-        params = {"student": model.init(jax.random.key(1), x)["params"]}
+        params = {"student": init(model, 1, x)["params"]}
         out = outputs_for(model, params, model, {"params": params["student"]}, x, y)
         value = float(gradient.symmetry_term(out))
         if invariant:
@@ -101,7 +101,7 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated():
     model = NIN(widths=(4, 4), num_classes=3, batch_norm=True)
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * 3 + 1
     y = jnp.array([0, 1, 2, 0])
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     params = {"student": variables["params"]}
     grads = {mode: outputs_for(model, params, model, variables, x, y, mode,
                                variables["batch_stats"]).get("student_input_grad")

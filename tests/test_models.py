@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from at_jax.models import forward, from_torchvision, get_model
+from conftest import init
 
 
 def n_params(tree):
@@ -42,7 +43,7 @@ def test_nin_sizes_match_paper_and_switches():
 def test_wrn_sows_groups_and_blocks(size, channels):
     model = get_model("wrn-16-1")
     x = jnp.ones((2, size, size, channels))
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     logits, acts, _ = forward(model, variables, x)
     assert logits.shape == (2, 10)
     s = [size, (size + 1) // 2, (size + 3) // 4]
@@ -56,12 +57,12 @@ def test_wrn_sows_groups_and_blocks(size, channels):
 def test_nin_and_resnet_sow_their_transfer_points():
     nin = get_model("nin-thin")
     x = jnp.ones((2, 32, 32, 3))
-    _, acts, _ = forward(nin, nin.init(jax.random.key(0), x), x)
+    _, acts, _ = forward(nin, init(nin, 0, x), x)
     assert {k: v.shape for k, v in acts.items()} == {
         "block0": (2, 32, 32, 64), "block1": (2, 16, 16, 96), "block2": (2, 8, 8, 128)}
     res = get_model("resnet-18", num_classes=5)
     x = jnp.ones((1, 64, 64, 3))
-    logits, acts, _ = forward(res, res.init(jax.random.key(0), x), x)
+    logits, acts, _ = forward(res, init(res, 0, x), x)
     assert logits.shape == (1, 5)
     assert {k: v.shape for k, v in acts.items()} == {
         "layer1": (1, 16, 16, 64), "layer2": (1, 8, 8, 128), "layer3": (1, 4, 4, 256),
@@ -71,7 +72,7 @@ def test_nin_and_resnet_sow_their_transfer_points():
 def test_apply_without_mutable_returns_logits_and_train_updates_batch_stats():
     model = get_model("wrn-tiny")
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     logits = model.apply(variables, x, train=False)
     assert logits.shape == (4, 10)
     _, _, stats = forward(model, variables, x, train=True)
@@ -81,7 +82,7 @@ def test_apply_without_mutable_returns_logits_and_train_updates_batch_stats():
 
 def test_kaiming_init_scale():
     model = get_model("wrn-16-2")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init(model, 0, jnp.zeros((1, 32, 32, 3)))
     kernel = variables["params"]["group1_block0"]["conv1"]["kernel"]
     assert kernel.shape == (3, 3, 64, 64)
     std = np.sqrt(2 / (3 * 3 * 64))
