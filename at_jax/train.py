@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization
+from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from at_jax import trainer as trainer_lib
@@ -46,15 +46,6 @@ RESUMABLE_KEYS = ("num_epochs", "checkpoint_every_epochs", "keep_checkpoints", "
                   "data.data_dir", "data.source")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        flat = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-        return flat
-    return {prefix: tree}
-
-
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raise if ``workdir`` holds a run whose saved config differs from ``config`` in more than
     :data:`RESUMABLE_KEYS`."""
@@ -62,8 +53,8 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        saved = _flatten(json.load(f))
-    new = _flatten(json.loads(config.to_json()))
+        saved = traverse_util.flatten_dict(json.load(f), sep=".")
+    new = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
     differ = sorted(k for k in set(saved) | set(new)
                     if saved.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
     if differ:

@@ -19,7 +19,7 @@ from at_jax.analysis import attention_distance
 from at_jax.data import load_dataset
 from at_jax.figures import attention_figure
 from at_jax.metrics import write_json_atomic
-from configs import fashion_mnist
+from configs import fashion_mnist, methods
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the runs, table and figure go.")
@@ -35,7 +35,8 @@ STUDENTS = (("student", "WRN-16-1 alone"), ("at", "WRN-16-1 + AT"), ("kd", "WRN-
 
 
 def demo_config(method: str, epochs: int, teacher_dir: str):
-    config = fashion_mnist.get_config(method)
+    config = fashion_mnist.get_config("student")
+    methods.apply_method(config, method, teacher_dir)
     config.data.data_dir = FLAGS.data_dir
     config.data.train_size = FLAGS.train_size
     config.data.test_size = FLAGS.test_size
@@ -43,8 +44,6 @@ def demo_config(method: str, epochs: int, teacher_dir: str):
     config.num_epochs = epochs
     # the reference schedule, compressed: lr × 0.2 at 50% and 75% of training
     config.optimizer.lr_decay_epochs = tuple(sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)}))
-    if method not in ("teacher", "student"):
-        config.teacher.workdir = teacher_dir
     return config
 
 

@@ -58,7 +58,7 @@ def init(model, seed, *args, **kwargs):
 
 def tiny_config(data_dir, method="student", **overrides):
     """A fast config: WRN-10-1 on the tiny IDX dataset."""
-    from configs import fashion_mnist
+    from configs import fashion_mnist, methods
     config = fashion_mnist.get_config(method)
     config.model = "wrn-tiny"
     config.data.data_dir = str(data_dir)
@@ -69,9 +69,5 @@ def tiny_config(data_dir, method="student", **overrides):
     config.data.augment.crop_pad = 1  # the class is a square's position: keep shifts small
     config.optimizer.lr = 0.05
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        methods.set_path(config, key, value)
     return config
