@@ -18,6 +18,8 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "tensorboardX>=2.6",
+        "grain>=0.2.10",
+        "pillow>=10",
     ],
     extras_require={
         "tfds": ["tensorflow-datasets>=4.9.4"],

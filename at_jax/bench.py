@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from at_jax import devices, trainer as trainer_lib
+from at_jax import devices, recipes, step as step_lib
 from at_jax.models import get_model
 from at_jax.data import CIFAR_MEAN, CIFAR_STD
-from configs import default, methods
 
 METHODS = {
     "ce": "student", "at": "at", "kd": "kd", "at_kd": "at_kd", "factt": "factt",
@@ -40,9 +39,9 @@ flags.DEFINE_integer("dataset_size", 4096, "Synthetic in-memory training images.
 
 
 def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int):
-    config = default.get_config()
+    config = recipes.base_config()
     if METHODS[method] is not None:
-        methods.apply_method(config, METHODS[method], "")
+        recipes.apply_method(config, METHODS[method], "")
     else:
         config.loss[method].weight = 1.0
     config.model = student
@@ -56,34 +55,36 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
         dataset_size=4096) -> dict:
     config = bench_config(method, student, batch, dtype, seeds)
     shape = (image_size, image_size, 3)
-    teacher = None
+    t_model, t_vars = None, {}
     if method != "ce" and method not in ("min_l2", "symmetry"):
         t_model = get_model(teacher_name, num_classes=10)
         t_vars = t_model.init(jax.random.key(1), jnp.zeros((1,) + shape))
-        teacher = trainer_lib.Teacher(variables=t_vars, model=t_model)
-    tr = trainer_lib.Trainer(config, 10, shape, CIFAR_MEAN, CIFAR_STD, dataset_size // batch,
-                             teacher)
+    st = step_lib.Step(config, 10, shape, CIFAR_MEAN, CIFAR_STD, dataset_size // batch, t_model,
+                       t_vars)
+    t_vars = jax.device_put(t_vars, st.replicated)
     rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (dataset_size,) + shape, dtype=np.uint8),
-                            tr.replicated)
-    labels = jax.device_put(rng.integers(0, 10, dataset_size).astype(np.int32), tr.replicated)
-    idx = [jax.device_put(rng.integers(0, dataset_size, (seeds, batch)).astype(np.int32),
-                          tr.batch_sharded) for _ in range(8)]
-    state, sums = tr.init_state(), tr.empty_sums()
+    pool = {"pool_image": jax.device_put(rng.integers(0, 256, (dataset_size,) + shape,
+                                                      dtype=np.uint8), st.replicated),
+            "pool_label": jax.device_put(rng.integers(0, 10, dataset_size).astype(np.int32),
+                                         st.replicated)}
+    index_sharding = step_lib.NamedSharding(st.mesh, step_lib.P(None, "data"))
+    batches = [{"index": jax.device_put(rng.integers(0, dataset_size, (seeds, batch)).astype(
+        np.int32), index_sharding), **pool} for _ in range(8)]
+    state = st.init_state()
     t0 = time.perf_counter()
-    compiled = tr.train_step.lower(state, sums, images, labels, idx[0]).compile()
+    compiled = st.train_step.lower(state, batches[0], t_vars).compile()
     compile_s = time.perf_counter() - t0
-    state, sums = compiled(state, sums, images, labels, idx[0])
-    jax.block_until_ready(sums)
+    state, metrics = compiled(state, batches[0], t_vars)
+    jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for i in range(steps):
-        state, sums = compiled(state, sums, images, labels, idx[i % len(idx)])
-    jax.block_until_ready(sums)
+        state, metrics = compiled(state, batches[i % len(batches)], t_vars)
+    jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - t0
     return {"images_per_s": steps * batch * seeds / elapsed, "step_ms": 1000 * elapsed / steps,
             "compile_s": compile_s, "device": jax.devices()[0].device_kind,
             "num_devices": len(jax.devices()), "method": method, "student": student,
-            "teacher": teacher_name if teacher else None, "batch": batch, "dtype": dtype,
+            "teacher": teacher_name if t_model else None, "batch": batch, "dtype": dtype,
             "seeds": seeds, "steps": steps, "image_size": image_size}
 
 

@@ -97,8 +97,9 @@ def _resize_nhwc(x: jax.Array, size) -> jax.Array:
 class FActTAdapters(nn.Module):
     """1×1 conv adapters from student to teacher channels, one per transfer point that needs it.
 
-    ``channels`` maps a student activation name to the teacher's channel count. Its parameters
-    belong to the student's trainable set (``params['adapters']``).
+    ``channels`` maps a student activation name to the teacher's channel count. The ``factt``
+    term owns these parameters (registered with ``module=``): they are trained with the student,
+    under ``params['terms']['factt']``.
     """
 
     channels: Mapping[str, int]
@@ -162,10 +163,11 @@ def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str,
 class StepOutputs:
     """What a train step computed, handed to every loss term.
 
-    ``student_acts``/``teacher_acts`` map sown names to activations; ``adapted_acts`` are the
-    student's activations after the F-ActT adapters. ``weight_scale`` is the multiplier for terms
-    whose weight follows the learning-rate schedule. ``extras`` holds lazily computed quantities
-    (for example input gradients; see :mod:`at_jax.gradient`).
+    ``student_acts``/``teacher_acts`` map sown names to activations. ``term_modules`` maps the
+    name of a term that owns parameters to its module applied with the current parameters
+    (``out.term_module("factt")(acts)``). ``weight_scale`` is the multiplier for terms whose
+    weight follows the learning-rate schedule. ``extras`` holds lazily computed quantities (for
+    example input gradients; see :mod:`at_jax.gradient`).
     """
 
     images: jax.Array
@@ -174,7 +176,7 @@ class StepOutputs:
     student_acts: Mapping[str, jax.Array]
     teacher_logits: Optional[jax.Array] = None
     teacher_acts: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
-    adapted_acts: Optional[Mapping[str, jax.Array]] = None
+    term_modules: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     weight_scale: jax.Array | float = 1.0
     extras: dict = dataclasses.field(default_factory=dict)
     lazy: Mapping[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
@@ -187,24 +189,57 @@ class StepOutputs:
             self.extras[key] = self.lazy[key]()
         return self.extras[key]
 
+    def term_module(self, name: str) -> Optional[Callable]:
+        """The parameterised module of term ``name`` (bound to its parameters), or None."""
+        return self.term_modules.get(name)
+
     def require_teacher(self, term: str) -> None:
         if self.teacher_logits is None:
             raise ValueError(f"loss term {term!r} needs a teacher: set config.teacher.workdir")
 
 
 TermFn = Callable[..., jax.Array]
+# module(student_acts, teacher_acts, **options) -> flax module or None; acts may be shape structs
+ModuleFactory = Callable[..., Optional[nn.Module]]
 _TERMS: dict[str, TermFn] = {}
+_MODULES: dict[str, ModuleFactory] = {}
 TEACHER_TERMS: set[str] = set()
 
 
-def register_term(name: str, needs_teacher: bool = False):
-    """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``."""
+def register_term(name: str, needs_teacher: bool = False, module: Optional[ModuleFactory] = None):
+    """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``.
+
+    A term that owns trainable parameters (F-ActT's adapters) passes ``module``: a function of the
+    student's and teacher's sown activations (shapes) and the term's options that returns a flax
+    module (or None when none is needed). The train step initialises it on the student's
+    activations, trains its ``params`` with the student's (``params['terms'][name]``), and hands
+    it to the term as ``out.term_module(name)``.
+    """
     def wrap(fn: TermFn) -> TermFn:
         _TERMS[name] = fn
         if needs_teacher:
             TEACHER_TERMS.add(name)
+        if module is not None:
+            _MODULES[name] = module
         return fn
     return wrap
+
+
+def term_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A term's own options (without ``weight`` and ``weight_schedule``)."""
+    return {k: v for k, v in options.items() if k not in _SPEC_KEYS}
+
+
+def term_modules(spec: Mapping[str, Mapping[str, Any]], student_acts: Mapping[str, Any],
+                 teacher_acts: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """The parameterised modules of the active terms of ``spec``, by term name."""
+    modules = {}
+    for name, options in validate_terms(spec).items():
+        if name in _MODULES:
+            module = _MODULES[name](student_acts, teacher_acts, **term_options(options))
+            if module is not None:
+                modules[name] = module
+    return modules
 
 
 def term_names() -> list[str]:
@@ -231,11 +266,22 @@ def at_term(out: StepOutputs, p: float = 2.0, reduce: str = "mean", mode: str = 
                for s, t in pair_activations(out.student_acts, out.teacher_acts, pairs))
 
 
-@register_term("factt", needs_teacher=True)
+def factt_adapters(student_acts, teacher_acts, pairs: Pairs = "groups") -> Optional[FActTAdapters]:
+    """1×1 adapters for the F-ActT pairs whose channel counts differ (None if all match)."""
+    if not teacher_acts:
+        return None
+    channels = {s: teacher_acts[t].shape[-1]
+                for s, t in pair_activations(student_acts, teacher_acts, pairs)
+                if student_acts[s].shape[-1] != teacher_acts[t].shape[-1]}
+    return FActTAdapters(channels) if channels else None
+
+
+@register_term("factt", needs_teacher=True, module=factt_adapters)
 def factt_term(out: StepOutputs, pairs: Pairs = "groups") -> jax.Array:
     """Σ over paired activations of :func:`factt_loss` on adapted student activations."""
     out.require_teacher("factt")
-    adapted = out.adapted_acts if out.adapted_acts is not None else out.student_acts
+    adapt = out.term_module("factt")
+    adapted = adapt(out.student_acts) if adapt is not None else out.student_acts
     return sum(factt_loss(adapted[s], out.teacher_acts[t])
                for s, t in pair_activations(out.student_acts, out.teacher_acts, pairs))
 
@@ -285,8 +331,7 @@ def make_objective(spec: Mapping[str, Mapping[str, Any]]
         total = jnp.zeros((), jnp.float32)
         measurements = {}
         for name, options in active.items():
-            kwargs = {k: v for k, v in options.items() if k not in _SPEC_KEYS}
-            value = _TERMS[name](out, **kwargs)
+            value = _TERMS[name](out, **term_options(options))
             weight = options.get("weight", 1.0)
             if options.get("weight_schedule", "constant") == "lr":
                 weight = weight * out.weight_scale

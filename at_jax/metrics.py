@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -38,19 +40,25 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Per-epoch rows to ``metrics.jsonl`` and TensorBoard. On resume, rows after the restored
-    epoch are dropped (they belong to the interrupted attempt) and TensorBoard is purged there."""
+    """Rows to ``metrics.jsonl`` and TensorBoard (x-axis: the global step). Epoch rows have an
+    ``epoch`` key; rows every ``config.log_every_steps`` steps do not. On resume, rows after the
+    restored step are dropped (they belong to the interrupted attempt) and TensorBoard is purged
+    there."""
 
-    def __init__(self, workdir: str, resume_epoch: int, enabled: bool = True):
+    def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.enabled = enabled
-        kept = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= resume_epoch]
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
         self.history = kept
         if enabled:
             write_json_lines_atomic(self.path, kept)
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                    purge_step=resume_epoch + 1 if resume_epoch else None)
+                                    purge_step=resume_step + 1 if resume_step else None)
+
+    def epochs(self) -> list[dict]:
+        """The epoch rows written so far (earlier attempts included)."""
+        return [r for r in self.history if "epoch" in r]
 
     def write(self, row: Mapping[str, Any]) -> None:
         self.history.append(dict(row))
@@ -59,13 +67,54 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                self.tb.add_scalar(key, value, row["epoch"])
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                self.tb.add_scalar(key, value, row["step"])
         self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+
+
+def train_means(sums: Mapping[str, Any]) -> dict[str, float]:
+    """Per-seed metric sums -> the row's train metrics: the median over seeds of each loss term's
+    mean, and ``train/error``, ``train/top5_error`` in %."""
+    sums = dict(sums)
+    count = np.maximum(np.asarray(sums.pop("train/count")), 1)
+    row = {}
+    for key, value in sums.items():
+        mean = np.asarray(value) / count
+        if key.endswith("errors"):
+            row[key[:-1]] = float(np.median(mean)) * 100.0
+        else:
+            row[key] = float(np.median(mean))
+    return row
+
+
+def epoch_row(sums, test: Optional[Mapping[str, np.ndarray]], epoch: int, step: int, lr: float,
+              train_time: float, epoch_time: float) -> dict[str, Any]:
+    """An epoch's metrics row: train means, test errors (median over seeds, and per seed)."""
+    count = float(np.max(sums["train/count"]))
+    row = {"epoch": epoch, "step": step, "lr": lr, "epoch_time_s": epoch_time,
+           "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(train_time, 1e-9)}
+    row.update(train_means(sums))
+    if test is not None:
+        for name in ("error", "top5_error"):
+            values = np.atleast_1d(test[name])
+            row[f"test/{name}"] = float(np.median(values))
+            if len(values) > 1:
+                row[f"test/{name}_per_seed"] = [float(v) for v in values]
+    return row
+
+
+def window_row(sums, step: int, steps_per_epoch: int, lr: float, seconds: float
+               ) -> dict[str, Any]:
+    """A row every ``log_every_steps`` steps: train means over the steps since the last one."""
+    count = float(np.max(sums["train/count"]))
+    row = {"step": step, "epoch_progress": step / steps_per_epoch, "lr": lr,
+           "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(seconds, 1e-9)}
+    row.update(train_means(sums))
+    return row
 
 
 def write_json_lines_atomic(path: str, rows: list[dict]) -> None:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from at_jax import devices, train
+from at_jax import devices, runs as run_lib, train
 from at_jax.analysis import attention_distance
 from at_jax.data import load_dataset
 from at_jax.figures import attention_figure
@@ -78,9 +78,8 @@ def main(argv):
 
     data = load_dataset("fashion_mnist", data_dir=FLAGS.data_dir or None,
                         train_size=BATCH, test_size=FLAGS.test_size)
-    models = {label: train.load_teacher(workdir, data.num_classes, data.image_shape)[0]
+    models = {label: run_lib.load_run_variables(workdir, data.num_classes, data.image_shape)[:2]
               for _, label, workdir, _ in runs}
-    models = {label: (t.model, t.variables) for label, t in models.items()}
     teacher = models[runs[0][1]]
     for _, label, _, _ in runs[1:]:
         results[label]["attention_distance"] = attention_distance(

@@ -71,3 +71,104 @@ def tiny_config(data_dir, method="student", **overrides):
     for key, value in overrides.items():
         methods.set_path(config, key, value)
     return config
+
+
+def write_image(path, size, rng, color=None, fmt=None):
+    """A random RGB image (``size`` = (width, height)); a solid ``color`` if given."""
+    from PIL import Image
+    w, h = size
+    if color is None:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    else:
+        pixels = np.broadcast_to(np.asarray(color, np.uint8), (h, w, 3)).copy()
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+def make_image_folder(root, classes=("cat", "dog", "emu"), n_train=8, n_val=4, seed=0):
+    """``root/train/<class>/*`` and ``root/val/<class>/*``: JPEGs (and a PNG per class) of
+    varied sizes whose colour depends on the class, so that they are learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+                color = [40, 40, 40]
+                color[c % 3] = 220
+                from PIL import Image
+                pixels = np.clip(rng.normal(0, 25, (size[1], size[0], 3)) + color, 0, 255)
+                ext = "png" if i == 0 else ("JPEG" if i % 2 else "jpg")
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}_{i}.{ext}",
+                                                               format="PNG" if ext == "png"
+                                                               else "JPEG")
+        (root / split / ".cache").mkdir(exist_ok=True)  # hidden folders are not classes
+    return root
+
+
+def make_cub(root, n_classes=3, per_class=4, seed=0):
+    """A CUB_200_2011 folder: red birds in blue images, boxes in bounding_boxes.txt."""
+    rng = np.random.default_rng(seed)
+    base = root / "CUB_200_2011"
+    (base / "images").mkdir(parents=True)
+    lines = {"images": [], "labels": [], "split": [], "boxes": [], "classes": []}
+    image_id = 0
+    for c in range(1, n_classes + 1):
+        cls = f"{c:03d}.Bird_{c}"
+        lines["classes"].append(f"{c} {cls}")
+        (base / "images" / cls).mkdir()
+        for i in range(per_class):
+            image_id += 1
+            w, h = int(rng.integers(60, 100)), int(rng.integers(60, 100))
+            x, y = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+            bw, bh = int(rng.integers(w // 3, w - x)), int(rng.integers(h // 3, h - y))
+            pixels = np.zeros((h, w, 3), np.uint8)
+            pixels[..., 2] = 230
+            pixels[y:y + bh, x:x + bw] = (230, 0, 0)
+            from PIL import Image
+            name = f"{cls}/Bird_{c}_{i}.jpg"
+            Image.fromarray(pixels).save(base / "images" / name, quality=95)
+            lines["images"].append(f"{image_id} {name}")
+            lines["labels"].append(f"{image_id} {c}")
+            lines["split"].append(f"{image_id} {int(i < per_class - 1)}")
+            lines["boxes"].append(f"{image_id} {x}.0 {y}.0 {bw}.0 {bh}.0")
+    for key, fname in (("images", "images.txt"), ("labels", "image_class_labels.txt"),
+                       ("split", "train_test_split.txt"), ("boxes", "bounding_boxes.txt"),
+                       ("classes", "classes.txt")):
+        (base / fname).write_text("\n".join(lines[key]) + "\n")
+    return base
+
+
+def make_scenes(root, classes=("airport_inside", "bakery", "kitchen"), per_class=5, seed=0):
+    """An MIT Indoor-67 folder: Images/<class>/*.jpg with TrainImages.txt / TestImages.txt."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in classes:
+        (root / "Images" / c).mkdir(parents=True)
+        for i in range(per_class):
+            name = f"{c}/img_{i}.jpg"
+            write_image(root / "Images" / name, (50, 40), rng, fmt="JPEG")
+            (train if i < per_class - 1 else test).append(name)
+    (root / "TrainImages.txt").write_text("\n".join(train) + "\n")
+    (root / "TestImages.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def streamed_config(data_dir, name="imagefolder", method="student", **overrides):
+    """A fast streamed config: resnet-tiny on 32×32 crops of a generated image tree."""
+    from at_jax import recipes
+    config = recipes.base_config()
+    recipes.apply_method(config, method, "")
+    config.model = "resnet-tiny"
+    config.data.name = name
+    config.data.data_dir = str(data_dir)
+    config.data.image_size = 32
+    config.data.num_workers = 0
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_epochs = 2
+    config.optimizer.lr = 0.05
+    config.optimizer.weight_decay = 1e-4
+    for key, value in overrides.items():
+        recipes.set_path(config, key, value)
+    return config

@@ -172,12 +172,16 @@ def test_objective_spec_errors_are_explained():
 
 
 def test_factt_adapters_are_trainable_and_map_channels():
+    from at_jax.losses import term_modules
     out = make_outputs(jax.random.key(2))
-    adapters = FActTAdapters({"group0": 6})
+    modules = term_modules({"factt": {"weight": 1.0, "pairs": [("group0", "group0")]}},
+                           out.student_acts, {"group0": jnp.zeros((2, 4, 4, 6))})
+    adapters = modules["factt"]
+    assert isinstance(adapters, FActTAdapters) and dict(adapters.channels) == {"group0": 6}
     params = adapters.init(jax.random.key(0), out.student_acts)
 
     def loss_fn(p):
-        out.adapted_acts = adapters.apply(p, out.student_acts)
+        out.term_modules = {"factt": lambda acts: adapters.apply(p, acts)}
         return make_objective({"factt": {"weight": 1.0}})(out)[0]
 
     grads = jax.grad(loss_fn)(params)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from at_jax import train, trainer as trainer_lib
+from at_jax import runs, step as step_lib, train
 from at_jax.data import load_dataset
 from at_jax.metrics import read_jsonl
 from conftest import tiny_config
@@ -63,7 +63,7 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(idx_dir,
         train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5,
                                              **{"optimizer.lr": 0.2}), str(workdir),
                                  progress=False)
-    with pytest.raises(ValueError, match="checkpoint at epoch 5, beyond config.num_epochs=3"):
+    with pytest.raises(ValueError, match=r"checkpoint at step 40 \(epoch 5\), beyond config.num_epochs=3"):
         train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=3),
                                  str(workdir), progress=False)
     assert json.load(open(workdir / "results.json")) == saved
@@ -86,11 +86,12 @@ def run_cli(workdir, *extra, data_dir):
                             text=True, env={**os.environ, "XLA_FLAGS": ""})
 
 
-def test_resume_after_sigkill_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
-    epochs = ["--config.num_epochs=3", "--config.optimizer.lr_decay_epochs=(2,)"]
+def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
+    epochs = ["--config.num_epochs=3", "--config.optimizer.lr_decay_epochs=(2,)",
+              "--config.checkpoint_every_steps=3"]
     reference = run_cli(tmp_path / "ref", *epochs, data_dir=idx_dir)
     killed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
-    first_ckpt = tmp_path / "killed" / "checkpoints" / "1"
+    first_ckpt = tmp_path / "killed" / "checkpoints" / "3"  # 8 steps per epoch: mid-epoch 1
     deadline = time.time() + 240
     while not first_ckpt.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -101,7 +102,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
     resumed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    assert "resuming" in out
+    assert "resuming" in out and "from step 3 (epoch 0, step 3 of 8)" in out
     assert reference.wait(timeout=300) == 0
     ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
     res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
@@ -120,10 +121,10 @@ def test_cli_rejects_unknown_config_keys(idx_dir, tmp_path):
     assert proc.returncode != 0 and "learning_rate" in out
 
 
-def make_trainer(config, data, mesh):
+def make_step(config, data, mesh):
     steps = len(data.train_labels) // config.batch_size
-    return trainer_lib.Trainer(config, data.num_classes, data.image_shape, data.mean, data.std,
-                               steps, None, mesh)
+    return step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std, steps,
+                         None, None, mesh)
 
 
 def test_sharded_step_equals_single_device(idx_dir):
@@ -140,12 +141,13 @@ def test_sharded_step_equals_single_device(idx_dir):
     idx = jnp.arange(32, dtype=jnp.int32)[None]
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        tr = make_trainer(config, data, Mesh(np.asarray(devices), ("data",)))
-        state = tr.init_state()
-        images = jax.device_put(data.train_images, tr.replicated)
-        labels = jax.device_put(data.train_labels, tr.replicated)
-        idx_sharded = jax.device_put(idx, tr.batch_sharded)
-        state, sums = tr.train_step(state, tr.empty_sums(), images, labels, idx_sharded)
+        mesh = Mesh(np.asarray(devices), ("data",))
+        st = make_step(config, data, mesh)
+        state = st.init_state()
+        batch = {"index": jax.device_put(idx, step_lib.NamedSharding(mesh, step_lib.P(None, "data"))),
+                 "pool_image": jax.device_put(data.train_images, st.replicated),
+                 "pool_label": jax.device_put(data.train_labels, st.replicated)}
+        state, sums = st.train_step(state, batch, {})
         assert len(state.params["student"]["fc"]["kernel"].sharding.device_set) == len(devices)
         results.append((jax.device_get(state.params), jax.device_get(sums)))
     (p1, s1), (p8, s8) = results
@@ -159,9 +161,9 @@ def test_two_seeds_train_independently_in_one_program(idx_dir, tmp_path):
     per_seed = results["final_test_error_per_seed"]
     assert len(per_seed) == 2
     assert results["final_test_error"] == pytest.approx(np.median(per_seed))
-    from orbax.checkpoint import CheckpointManager
-    restored = CheckpointManager(str(tmp_path / "checkpoints")).restore(1)
-    kernel = restored["params"]["student"]["conv0"]["kernel"]
+    _, variables, _ = runs.load_run_variables(str(tmp_path), 10, (16, 16, 1), seed_index=0)
+    _, other, _ = runs.load_run_variables(str(tmp_path), 10, (16, 16, 1), seed_index=1)
+    kernel = np.stack([variables["params"]["conv0"]["kernel"], other["params"]["conv0"]["kernel"]])
     assert kernel.shape[0] == 2 and not np.allclose(kernel[0], kernel[1])
 
 
@@ -202,9 +204,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
     config = tiny_config(idx_dir, num_epochs=3)
     config.optimizer.lr_decay_epochs = (1,)
     config.optimizer.lr_decay_factor = 1e30  # epoch 2 explodes
-    with pytest.raises(train.TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
+    with pytest.raises(train.TrainingDiverged, match="epoch 2.*last good checkpoint \\(step 8\\)"):
         train.train_and_evaluate(config, str(tmp_path), progress=False)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["8"]
     assert not (tmp_path / "results.json").exists()
     assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1]
 

@@ -1,7 +1,12 @@
-"""Datasets as in-memory arrays: ``load_dataset(data_config) -> Dataset``.
+"""Datasets: ``open_data(config, mesh)`` gives the run its batches, in memory or streamed.
 
-Sources (``config.data.source``): ``"local"`` files users already have (CIFAR python archives,
-IDX files), ``"tfds"`` (``tfds.data_source``), or ``"auto"``: local files first, then TFDS.
+Small datasets (``cifar10``, ``cifar100``, ``fashion_mnist``, ``mnist``) are loaded whole
+(``load_dataset``) and live on the devices (:mod:`at_jax.data.memory`). Sources
+(``config.data.source``): ``"local"`` files users already have (CIFAR python archives, IDX files),
+``"tfds"`` (``tfds.data_source``), or ``"auto"``: local files first, then TFDS.
+
+Large ones (``imagefolder``, ``cub``, ``scenes``, ``imagenet2012``, ``caltech_birds2011``) stream
+through Grain (:mod:`at_jax.data.pipeline`, :mod:`at_jax.data.sources`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ DATASETS = {
     "mnist": dict(num_classes=10, mean=(0.1307,), std=(0.3081,), kind="idx",
                   default_dirs=("/usr/share/datasets/mnist",)),
 }
+STREAMED = ("imagefolder", "cub", "scenes", "imagenet2012", "caltech_birds2011")
+STREAMED_CLASSES = {"imagenet2012": 1000, "caltech_birds2011": 200}
+
 HOW_TO_GET = {
     "cifar": "download cifar-10-python.tar.gz / cifar-100-python.tar.gz from the CIFAR page into "
              "a folder and set config.data.data_dir to it, or prepare the TFDS dataset",
@@ -102,3 +110,25 @@ def load_dataset(name: str, source: str = "auto", data_dir: Optional[str] = None
         raise ValueError(f"{origin}: label {train_labels.max()} out of range for {name}")
     return Dataset(train_images, train_labels, test_images, test_labels, info["num_classes"],
                    info["mean"], info["std"], origin)
+
+
+def dataset_num_classes(config) -> Optional[int]:
+    """The class count a config's dataset implies, where it is known without reading data."""
+    name = config.get("data", {}).get("name")
+    if name in DATASETS:
+        return DATASETS[name]["num_classes"]
+    return STREAMED_CLASSES.get(name)
+
+
+def open_data(config, mesh):
+    """The run's data: :class:`~at_jax.data.memory.InMemoryData` for the small datasets,
+    :class:`~at_jax.data.pipeline.StreamedData` for the streamed ones."""
+    name = config.data.name
+    if name in STREAMED:
+        from at_jax.data.pipeline import StreamedData
+        return StreamedData(config, mesh)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
+                         f"{', '.join(STREAMED)} (streamed)")
+    from at_jax.data.memory import InMemoryData
+    return InMemoryData(config, mesh)

@@ -1,7 +1,8 @@
 """Model registry: ``get_model(name, num_classes=10, **overrides)``.
 
 Names: ``wrn-D-K`` (any depth D = 6n+4 and integer width K), ``nin-thin``, ``nin-wide``,
-``resnet-18``, ``resnet-34``, and ``wrn-tiny`` (WRN-10-1, for fast tests).
+``resnet-18``, ``resnet-34``, and, for fast tests, ``wrn-tiny`` (WRN-10-1) and ``resnet-tiny`` (one
+block per group, widths 8-64, the ResNet layout otherwise).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _FIXED = {
     "resnet-18": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[18], **kw),
     "resnet-34": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[34], **kw),
     "wrn-tiny": lambda **kw: WideResNet(depth=10, width=1, **kw),
+    "resnet-tiny": lambda **kw: ResNet(**{"stage_sizes": (1, 1, 1, 1), "widths": (8, 16, 32, 64),
+                                          **kw}),
 }
 
 

@@ -46,13 +46,15 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = STAGE_SIZES[18]
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    widths: Sequence[int] = STAGE_WIDTHS
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = conv(64, 7, 2, padding=3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
+        x = conv(self.widths[0], 7, 2, padding=3, name="conv1", dtype=self.dtype)(
+            x.astype(self.dtype))
         x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage, (size, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for i in range(size):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = BasicBlock(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)

@@ -1,0 +1,83 @@
+"""One batched evaluator for students (every seed at once) and teachers: top-1/top-5 error.
+
+Evaluation batches are ``{"image": uint8 (B, H, W, C), "label": (B,), "mask": (B,)}`` global
+arrays (``mask`` 0 marks the padding that gives every batch the same shape), from the in-memory
+path (:func:`array_batches`) or the streamed one (:mod:`at_jax.data.pipeline`). Errors are summed
+on the device; the host syncs once per evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from at_jax.data.augment import normalize
+from at_jax.step import error_counts
+
+
+def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: bool = False
+                 ) -> Callable:
+    """``jit((variables, batch) -> {"errors", "top5_errors", "count"})`` in eval mode.
+
+    With ``seeds``, ``variables`` have a leading seed axis and every count has one too."""
+    def single(variables, batch):
+        x = normalize(batch["image"], mean, std, dtype)
+        logits = model.apply(variables, x, train=False)
+        return error_counts(logits, batch["label"], batch["mask"])
+    return jax.jit(jax.vmap(single, in_axes=(0, None)) if seeds else single)
+
+
+def student_variables(state) -> dict:
+    """Eval-mode variables of a train state's student(s)."""
+    variables = {"params": state.params["student"]}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def evaluate(eval_fn: Callable, variables: Any, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Test ``error`` and ``top5_error`` in % (per seed when the variables have a seed axis)."""
+    totals = None
+    for batch in batches:
+        counts = eval_fn(variables, batch)
+        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    if totals is None:
+        raise ValueError("evaluation got no batch: the test set is empty")
+    totals = jax.device_get(totals)
+    count = np.maximum(totals["count"], 1)
+    return {"error": 100.0 * totals["errors"] / count,
+            "top5_error": 100.0 * totals["top5_errors"] / count}
+
+
+def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from data every process holds in full (works single- and multi-host)."""
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+
+
+def eval_batch_size(requested: int, n_examples: int, n_devices: int) -> int:
+    """An evaluation batch no larger than needed, split evenly over ``n_devices``."""
+    size = min(int(requested), n_examples)
+    return max(n_devices, size - size % n_devices)
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                  mesh: Optional[Mesh] = None) -> Iterable[dict]:
+    """Evaluation batches of in-memory arrays; the last one padded (and masked) to
+    ``batch_size``. With a ``mesh`` they are sharded over its ``data`` axis."""
+    sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        mask = np.ones(len(y), np.float32)
+        if len(y) < batch_size:
+            pad = batch_size - len(y)
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            y, mask = np.pad(y, (0, pad)), np.pad(mask, (0, pad))
+        batch = {"image": x, "label": y, "mask": mask}
+        if sharding is not None:
+            batch = {k: global_array(v, sharding) for k, v in batch.items()}
+        yield batch

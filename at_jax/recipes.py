@@ -1,0 +1,107 @@
+"""Configs as data, inside the library: the reference recipe and the paper's methods as edits.
+
+The top-level ``configs/`` files (what users pass to ``--config``) build on these; the library
+itself (the CLI, the benchmarks) never imports ``configs/``, so the installed package works from
+any directory.
+
+``base_config()`` is the reference CIFAR recipe: a WRN-16-1 student trained alone. ``METHODS``
+holds the paper's Table 1/2 columns as ``{config.path: value}`` edits (:func:`apply_method`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+BETA = 1e3
+
+METHODS = {
+    "teacher": {"model": "wrn-16-2"},
+    "student": {},
+    "at": {"loss.at.weight": BETA},
+    "factt": {"loss.factt.weight": BETA},
+    "kd": {"loss.ce.weight": 0.0, "loss.kd.weight": 1.0},
+    "at_kd": {"loss.ce.weight": 0.0, "loss.kd.weight": 1.0, "loss.at.weight": BETA},
+    "at_kd_decay": {"loss.ce.weight": 0.0, "loss.kd.weight": 1.0, "loss.at.weight": BETA,
+                    "loss.at.weight_schedule": "lr"},
+    "at_fsum": {"loss.at.weight": BETA, "loss.at.p": 1.0, "loss.at.reduce": "sum"},
+    "at_fsum2": {"loss.at.weight": BETA, "loss.at.p": 2.0, "loss.at.reduce": "sum"},
+    "at_fsum4": {"loss.at.weight": BETA, "loss.at.p": 4.0, "loss.at.reduce": "sum"},
+    "at_fmax1": {"loss.at.weight": BETA, "loss.at.p": 1.0, "loss.at.reduce": "max"},
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference CIFAR recipe (REFERENCE.md): SGD 0.9, lr 0.1, wd 5e-4, batch 128, 200
+    epochs, lr × 0.2 at 60/120/160, reflect-pad-4 crop + flip; a WRN-16-1 trained alone."""
+    config = ml_collections.ConfigDict()
+    config.model = "wrn-16-1"
+    config.model_overrides = ml_collections.ConfigDict()  # e.g. batch_norm=False for NIN
+
+    config.data = ml_collections.ConfigDict()
+    # In memory: cifar10 | cifar100 | fashion_mnist | mnist. Streamed (Grain): imagefolder |
+    # cub | scenes | imagenet2012 | caltech_birds2011 (the last two prepared by TFDS).
+    config.data.name = "cifar10"
+    config.data.source = "auto"           # in-memory sets: auto (local, then TFDS) | local | tfds
+    config.data.data_dir = ""             # where local files are (or the TFDS data_dir)
+    config.data.train_size = 0            # > 0: use only the first N training examples
+    config.data.test_size = 0
+    config.data.augment = ml_collections.ConfigDict({"crop_pad": 4, "flip": True})
+    config.data.image_size = 224          # streamed sets: training crop / evaluation size
+    config.data.num_workers = 2           # streamed sets: Grain worker processes (0: in-process)
+    config.data.prefetch = 2              # streamed sets: batches put on the devices ahead
+
+    config.teacher = ml_collections.ConfigDict({"workdir": "", "seed_index": 0})
+
+    # The objective: {term: {weight, weight_schedule ('constant' | 'lr'), **options}}; terms with
+    # weight 0 are off, so any composition is one override away: --config.loss.at.weight=1000.
+    config.loss = ml_collections.ConfigDict({
+        "ce": {"weight": 1.0, "weight_schedule": "constant"},
+        "kd": {"weight": 0.0, "weight_schedule": "constant", "temperature": 4.0, "alpha": 0.9},
+        "at": {"weight": 0.0, "weight_schedule": "constant", "p": 2.0, "reduce": "mean",
+               "mode": "code", "normalize": "l2", "pairs": "groups"},
+        "factt": {"weight": 0.0, "weight_schedule": "constant", "pairs": "groups"},
+        "grad_at": {"weight": 0.0, "weight_schedule": "constant", "squared": False},
+        "min_l2": {"weight": 0.0, "weight_schedule": "constant", "squared": False},
+        "symmetry": {"weight": 0.0, "weight_schedule": "constant", "squared": False},
+    })
+    config.gradient = ml_collections.ConfigDict({"bn_mode": "batch_stats"})
+
+    config.optimizer = ml_collections.ConfigDict({
+        "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
+        "lr_decay_epochs": (60, 120, 160), "lr_decay_factor": 0.2})
+    config.batch_size = 128               # global batch (all devices and processes)
+    config.eval_batch_size = 1000
+    config.num_epochs = 200
+    config.dtype = "float32"              # float32 | bfloat16 (compute; params stay float32)
+
+    config.seed = 0
+    config.num_seeds = 1                  # > 1: independent students trained together (vmap)
+    config.log_every_steps = 0            # > 0: a metrics row every N steps (long epochs)
+    config.eval_every_epochs = 1          # test error every N epochs (and after the last)
+    config.checkpoint_every_epochs = 1
+    config.checkpoint_every_steps = 0     # > 0: also every N steps (0 = per epoch only)
+    config.keep_checkpoints = 3
+    return config
+
+
+def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+    """``set_path(config, "loss.at.weight", 1e3)``; raises KeyError naming an unknown key."""
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if isinstance(node, ml_collections.ConfigDict) and leaf not in node:
+        raise KeyError(f"config has no key {path!r}")
+    node[leaf] = value
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str,
+                 teacher_workdir: str) -> ml_collections.ConfigDict:
+    """Apply a method's edits; students get ``teacher_workdir`` unless they need no teacher."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    for path, value in METHODS[method].items():
+        set_path(config, path, value)
+    if method not in ("teacher", "student"):
+        config.teacher.workdir = teacher_workdir
+    return config

@@ -1,0 +1,265 @@
+"""The train step: ``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+
+One jitted program per run does augmentation (in-memory data) or normalisation (streamed data),
+the teacher's forward pass in eval mode, the student's forward pass with sown activations, every
+loss term, and the SGD update. The teacher's variables are an argument of the program, not
+constants captured by it.
+
+Batches come in two forms, both global arrays sharded over the ``data`` axis of the mesh:
+
+* streamed (:mod:`at_jax.data.pipeline`): ``{"image": uint8 (B, H, W, C), "label": (B,)}``,
+  already cropped and flipped on the host; every seed sees the same batch;
+* in memory (:mod:`at_jax.data.memory`): ``{"index": int32 (S, B), "pool_image": uint8
+  (N, H, W, C), "pool_label": (N,)}`` — the step gathers seed ``s``'s examples ``index[s]`` from
+  the dataset held on the devices and augments them (reflect-pad crop, flip) in the program.
+
+Independent seeds are trained together: every array of the train state has a leading seed axis
+and the step is ``jax.vmap``-ed over it (``config.num_seeds``). ``metrics`` are per-seed sums
+over the batch (every loss term by name, top-1/top-5 errors and the example count) for the loop
+to accumulate on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from at_jax import gradient, losses
+from at_jax.data import augment as aug
+from at_jax.models import forward, get_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The run's random keys (init, augmentation) use the "rbg" PRNG: XLA compiles it far faster than
+# the default threefry (the train-state init of a WRN compiles in ~3-4 s instead of ~10-14 s on
+# XLA:CPU). Streams are deterministic for a given JAX version and backend.
+PRNG_IMPL = "rbg"
+
+
+def make_key(seed_or_data) -> jax.Array:
+    """A typed PRNG key of :data:`PRNG_IMPL` from an int seed or from raw key data."""
+    if isinstance(seed_or_data, int):
+        return jax.random.key(seed_or_data, impl=PRNG_IMPL)
+    return jax.random.wrap_key_data(seed_or_data, impl=PRNG_IMPL)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any          # {'student': ..., 'terms': {term name: its params}}
+    batch_stats: Any     # the student's BN statistics ({} without BN)
+    opt_state: Any
+    rng: jax.Array       # raw uint32 key data (checkpointable)
+
+
+def compute_dtype(config) -> Any:
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    return DTYPES[config.dtype]
+
+
+def build_model(config, num_classes: int) -> nn.Module:
+    overrides = dict(config.get("model_overrides", {}))
+    return get_model(config.model, num_classes=num_classes, dtype=compute_dtype(config),
+                     **overrides)
+
+
+def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """The reference's step schedule: ``lr × decay_factor`` at each epoch in ``lr_decay_epochs``."""
+    opt = config.optimizer
+    boundaries = {int(e) * steps_per_epoch: opt.lr_decay_factor for e in opt.lr_decay_epochs}
+    return optax.piecewise_constant_schedule(opt.lr, boundaries)
+
+
+def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD as PyTorch's: weight decay added to the gradient, then (non-Nesterov) momentum."""
+    opt = config.optimizer
+    if opt.name != "sgd":
+        raise ValueError(f"config.optimizer.name must be 'sgd', got {opt.name!r}")
+    return optax.chain(
+        optax.add_decayed_weights(opt.weight_decay) if opt.weight_decay else optax.identity(),
+        optax.sgd(lr_schedule(config, steps_per_epoch), momentum=opt.momentum or None,
+                  nesterov=opt.nesterov))
+
+
+def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
+                 ) -> dict[str, jax.Array]:
+    """Top-1 and top-5 error counts of a batch (``mask`` 0 drops padding examples)."""
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    top1 = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+    topk = jnp.all(top_k != labels[:, None], axis=-1).astype(jnp.float32)
+    return {"errors": jnp.sum(top1 * mask), "top5_errors": jnp.sum(topk * mask),
+            "count": jnp.sum(mask)}
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with a ``data`` axis over ``devices`` (default: every device of every process)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+class Step:
+    """What is fixed for a run (models, objective, optimizer, mesh); builds its jitted steps.
+
+    ``teacher_model`` runs in eval mode on ``teacher_variables``, which every call of
+    :attr:`train_step` receives as an argument (here they are only used for shapes).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple,
+                 mean, std, steps_per_epoch: int, teacher_model: Optional[nn.Module] = None,
+                 teacher_variables: Any = None, mesh: Optional[Mesh] = None):
+        self.config = config
+        self.num_seeds = int(config.num_seeds)
+        if self.num_seeds < 1:
+            raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+        self.model = build_model(config, num_classes)
+        self.dtype = compute_dtype(config)
+        self.loss_spec = dict(config.loss)
+        self.objective = losses.make_objective(self.loss_spec)
+        if losses.needs_teacher(self.loss_spec) and teacher_model is None:
+            raise ValueError("the loss uses a teacher term (at/kd/factt/...) but no teacher is set: "
+                             "set config.teacher.workdir to a trained teacher's workdir")
+        self.teacher_model = teacher_model
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_shape = tuple(image_shape)
+        self.steps_per_epoch = steps_per_epoch
+        self.schedule = lr_schedule(config, steps_per_epoch)
+        self.tx = build_optimizer(config, steps_per_epoch)
+        self.mesh = mesh or data_mesh()
+        self.gradient_options = dict(config.get("gradient", {}))
+        dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
+        self._student_shapes = jax.eval_shape(lambda: forward(self.model, self.model.init(
+            jax.random.key(0), dummy), dummy)[1])
+        t_shapes = {} if teacher_model is None else jax.eval_shape(
+            lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
+        self.term_modules = losses.term_modules(self.loss_spec, self._student_shapes, t_shapes)
+
+    # ------------------------------------------------------------------ state
+
+    def init_single(self, key: jax.Array) -> TrainState:
+        model_key, terms_key, rng = jax.random.split(make_key(key), 3)
+        dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
+        variables = self.model.init(model_key, dummy)
+        acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._student_shapes)
+        terms = {name: module.init(jax.random.fold_in(terms_key, i), acts).get("params", {})
+                 for i, (name, module) in enumerate(sorted(self.term_modules.items()))}
+        params = {"student": variables["params"], "terms": terms}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=self.tx.init(params), rng=jax.random.key_data(rng))
+
+    def seed_keys(self) -> jax.Array:
+        """Raw key data, one row per seed."""
+        return jnp.stack([jax.random.key_data(make_key(int(self.config.seed) + s))
+                          for s in range(self.num_seeds)])
+
+    def init_state(self) -> TrainState:
+        """Train state with a leading seed axis, replicated over the mesh."""
+        init = jax.jit(jax.vmap(self.init_single), out_shardings=self.replicated)
+        return init(self.seed_keys())
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    # ------------------------------------------------------------------ the step
+
+    def student_fn(self, params, batch_stats, train: bool) -> Callable:
+        """``x -> (logits, activations, new_batch_stats)`` of the student."""
+        variables = {"params": params["student"]}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return lambda x: forward(self.model, variables, x, train=train)
+
+    def _bound_term_modules(self, params) -> dict[str, Callable]:
+        return {name: functools.partial(module.apply, {"params": params["terms"][name]})
+                for name, module in self.term_modules.items()}
+
+    def _outputs(self, params, batch_stats, teacher_variables, images, labels, step):
+        """Student (train mode) and teacher (eval mode) forward passes -> StepOutputs."""
+        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True)(images)
+        t_logits, t_acts, teacher_fn = None, {}, None
+        if self.teacher_model is not None:
+            teacher_fn = lambda x: forward(self.teacher_model, teacher_variables, x)  # noqa
+            t_logits, t_acts, _ = teacher_fn(images)
+        out = losses.StepOutputs(
+            images=images, labels=labels, student_logits=s_logits, student_acts=s_acts,
+            teacher_logits=t_logits, teacher_acts=t_acts,
+            term_modules=self._bound_term_modules(params),
+            weight_scale=self.schedule(step) / self.config.optimizer.lr,
+            lazy=gradient.input_gradient_quantities(
+                self.student_fn, params, batch_stats, teacher_fn, images, labels,
+                **self.gradient_options))
+        return out, new_stats
+
+    def prepare_batch(self, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Normalised training images and labels of one seed's batch (see the module doc)."""
+        if "index" in batch:
+            idx = batch["index"]
+            images = aug.augment(batch["pool_image"][idx], key, self.mean, self.std,
+                                 crop_pad=self.config.data.augment.crop_pad,
+                                 flip=self.config.data.augment.flip, dtype=self.dtype)
+            labels = batch["pool_label"][idx]
+        else:
+            images = aug.normalize(batch["image"], self.mean, self.std, self.dtype)
+            labels = batch["label"]
+        images = jax.lax.with_sharding_constraint(images, NamedSharding(self.mesh, P("data")))
+        return images, labels
+
+    def train_single(self, state: TrainState, batch: dict, teacher_variables
+                     ) -> tuple[TrainState, dict]:
+        """One seed's step (no seed axis)."""
+        key = jax.random.fold_in(make_key(state.rng), state.step)
+        images, labels = self.prepare_batch(batch, key)
+
+        def loss_fn(params):
+            out, new_stats = self._outputs(params, state.batch_stats, teacher_variables, images,
+                                           labels, state.step)
+            loss, measurements = self.objective(out)
+            return loss, (measurements, new_stats, out.student_logits)
+
+        (loss, (measurements, new_stats, logits)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  batch_stats=new_stats if new_stats is not None else {},
+                                  opt_state=opt_state)
+        batch_size = jnp.asarray(labels.shape[0], jnp.float32)
+        metrics = {f"train/{k}": v.astype(jnp.float32) * batch_size
+                   for k, v in measurements.items()}
+        metrics.update({f"train/{k}": v for k, v in error_counts(logits, labels).items()})
+        return new_state, metrics
+
+    def _train_step(self, state, batch, teacher_variables):
+        axes = {k: (0 if k == "index" else None) for k in batch}
+        return jax.vmap(self.train_single, in_axes=(0, axes, None))(state, batch,
+                                                                   teacher_variables)
+
+    @functools.cached_property
+    def train_step(self) -> Callable:
+        """``jit((state, batch, teacher_variables) -> (state, metrics))``, donating the state.
+
+        ``metrics``: per-seed sums over the batch, ``train/<term>`` for every loss term and
+        ``train/loss``, ``train/errors``, ``train/top5_errors``, ``train/count``."""
+        return jax.jit(self._train_step, donate_argnums=0)
+
+    def metric_names(self) -> list[str]:
+        names = list(losses.validate_terms(self.loss_spec)) + ["loss", "errors", "top5_errors",
+                                                              "count"]
+        return [f"train/{n}" for n in names]
+
+    def empty_sums(self) -> dict[str, jax.Array]:
+        """Zeroed per-seed metric sums, replicated over the mesh."""
+        zeros = {k: np.zeros((self.num_seeds,), np.float32) for k in self.metric_names()}
+        return jax.device_put(zeros, self.replicated)
