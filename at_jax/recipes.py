@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.augment = ml_collections.ConfigDict({"crop_pad": 4, "flip": True})
     config.data.image_size = 224          # streamed sets: training crop / evaluation size
     config.data.num_workers = 2           # streamed sets: Grain worker processes (0: in-process)
+    config.data.read_threads = 1          # streamed sets: threads per worker (batches in flight)
     config.data.prefetch = 2              # streamed sets: batches put on the devices ahead
 
     config.teacher = ml_collections.ConfigDict({"workdir": "", "seed_index": 0})

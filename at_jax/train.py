@@ -25,7 +25,8 @@ from flax import serialization
 
 from at_jax import evaluate, runs, step as step_lib
 from at_jax.data import open_data
-from at_jax.metrics import RESULTS_FILE, MetricsWriter, epoch_row, write_json_atomic, window_row
+from at_jax.metrics import (RESULTS_FILE, MetricsWriter, epoch_row, window_row,
+                            write_json_atomic)
 
 
 class TrainingDiverged(FloatingPointError):

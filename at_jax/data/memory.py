@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

@@ -5,7 +5,8 @@ Training stream (``grain.MapDataset``, every step deterministic from ``config.se
     source -> shuffle (a new permutation each epoch) -> first steps·B records of each epoch
            -> repeat(num_epochs) -> random crop + flip (TrainTransform, seeded per record)
            -> this process's records [process_index::process_count] -> local batches of B/P
-           -> worker processes (config.data.num_workers) -> global arrays on the mesh
+           -> worker processes (config.data.num_workers, each with config.data.read_threads
+              threads building whole batches) -> global arrays on the mesh
               (jax.make_array_from_process_local_data), config.data.prefetch batches ahead
 
 Each process decodes only its own records, and the global batch of step ``i`` holds the same
@@ -175,7 +176,8 @@ class StreamedData:
 
     streamed = True
 
-    def __init__(self, config, mesh: Mesh):
+    def __init__(self, config, mesh: Mesh, splits: Optional[tuple] = None):
+        """``splits``: ``(train, test, class_names)`` sources, instead of ``config.data``'s."""
         data = config.data
         if int(data.image_size) < 8:
             raise ValueError(f"config.data.image_size must be >= 8, got {data.image_size}")
@@ -183,7 +185,7 @@ class StreamedData:
             raise ValueError(f"config.data.num_workers must be >= 0, got {data.num_workers}")
         self.config = config
         self.mesh = mesh
-        train, test, classes = sources_lib.open_source(data.name, data.data_dir)
+        train, test, classes = splits or sources_lib.open_source(data.name, data.data_dir)
         if data.train_size:
             train = _Subset(train, min(int(data.train_size), len(train)))
         if data.test_size:
@@ -209,6 +211,21 @@ class StreamedData:
             flags.FLAGS.mark_as_parsed()
         return grain.MultiprocessingOptions(num_workers=int(self.config.data.num_workers))
 
+    def _read_options(self) -> grain.ReadOptions:
+        """Threads per worker (each builds whole batches) and how many batches they buffer.
+        Grain's defaults (16 threads, 500 elements ahead) would hold 500 *batches* per worker."""
+        threads = int(self.config.data.read_threads)
+        if threads < 1:
+            raise ValueError(f"config.data.read_threads must be >= 1, got {threads}")
+        return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+    def worker_iterable(self, ds: grain.MapDataset) -> grain.IterDataset:
+        """``ds`` read by ``read_threads`` threads in each of ``num_workers`` processes."""
+        ds = ds.to_iter_dataset(self._read_options())
+        if int(self.config.data.num_workers):
+            ds = ds.mp_prefetch(self._options())
+        return ds
+
     def train_dataset(self, process_index: Optional[int] = None,
                       process_count: Optional[int] = None) -> grain.MapDataset:
         """This process's local training batches, for the whole run (``num_epochs``)."""
@@ -226,10 +243,8 @@ class StreamedData:
     def train_iterator(self) -> DeviceIterator:
         """Global training batches ``{"image", "label"}`` from step 0 (a checkpoint restore sets
         the position)."""
-        ds = self.train_dataset().to_iter_dataset()
-        if int(self.config.data.num_workers):
-            ds = ds.mp_prefetch(self._options())
-        return DeviceIterator(iter(ds), self.sharding, self.config.data.prefetch)
+        return DeviceIterator(iter(self.worker_iterable(self.train_dataset())), self.sharding,
+                              self.config.data.prefetch)
 
     def eval_batch_size(self) -> int:
         from at_jax.evaluate import eval_batch_size
@@ -244,9 +259,7 @@ class StreamedData:
         ds = grain.MapDataset.range(padded).map(_EvalRecord(self.test_source,
                                                              self.config.data.image_size))
         ds = ds[jax.process_index()::jax.process_count()]
-        ds = ds.batch(size // jax.process_count()).to_iter_dataset()
-        if int(self.config.data.num_workers):
-            ds = ds.mp_prefetch(self._options())
+        ds = self.worker_iterable(ds.batch(size // jax.process_count()))
         iterator = DeviceIterator(iter(ds), self.sharding, self.config.data.prefetch)
         try:
             yield from iterator

@@ -68,30 +68,33 @@ def _class_dirs(path: str) -> list[str]:
                   and not d.startswith("."))
 
 
+def class_folder(root: str, classes: Optional[list[str]] = None,
+                 name: str = "imagefolder") -> tuple[RecordSource, list[str]]:
+    """The images of ``root/<class>/*`` (labels by ``classes``, default: the sorted folders)."""
+    names = _class_dirs(root)
+    if not names:
+        raise _layout_error(name, root, "no class folders")
+    classes = names if classes is None else classes
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise _layout_error(name, root, f"classes {unknown[:5]} are not in train/")
+    index = {c: i for i, c in enumerate(classes)}
+    records = [{"image": os.path.join(root, c, f), "label": index[c]}
+               for c in names for f in sorted(os.listdir(os.path.join(root, c))) if _is_image(f)]
+    if not records:
+        raise _layout_error(name, root, "no images (.JPEG, .jpg, .png)")
+    return RecordSource(records, f"{name}:{root}"), classes
+
+
 def image_folder(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
     """``(train, val, class_names)`` of an image-folder tree."""
-    splits = {}
-    classes = None
     for split in ("train", "val"):
-        root = os.path.join(data_dir, split)
-        if not os.path.isdir(root):
-            raise _layout_error("imagefolder", root, f"no '{split}' folder")
-        names = _class_dirs(root)
-        if not names:
-            raise _layout_error("imagefolder", root, "no class folders")
-        if classes is None:
-            classes = names
-        unknown = sorted(set(names) - set(classes))
-        if unknown:
-            raise _layout_error("imagefolder", root, f"classes {unknown[:5]} are not in train/")
-        index = {c: i for i, c in enumerate(classes)}
-        records = [{"image": os.path.join(root, c, f), "label": index[c]}
-                   for c in names for f in sorted(os.listdir(os.path.join(root, c)))
-                   if _is_image(f)]
-        if not records:
-            raise _layout_error("imagefolder", root, "no images (.JPEG, .jpg, .png)")
-        splits[split] = RecordSource(records, f"imagefolder:{root}")
-    return splits["train"], splits["val"], classes
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise _layout_error("imagefolder", os.path.join(data_dir, split),
+                                f"no '{split}' folder")
+    train, classes = class_folder(os.path.join(data_dir, "train"))
+    val, _ = class_folder(os.path.join(data_dir, "val"), classes)
+    return train, val, classes
 
 
 def _read_table(path: str, name: str, columns: int) -> dict[str, list[str]]:

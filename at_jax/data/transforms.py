@@ -72,7 +72,8 @@ def _decode_region(img: Image.Image, box: tuple[float, float, float, float],
         factor = min((x1 - x0) / out_w, (y1 - y0) / out_h)
         if factor >= 2:
             img.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-    img = img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     sx, sy = img.size[0] / width, img.size[1] / height
     return img, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
