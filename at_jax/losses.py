@@ -345,3 +345,8 @@ def make_objective(spec: Mapping[str, Mapping[str, Any]]
 
 def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(name in TEACHER_TERMS for name in validate_terms(spec))
+
+
+# The input-gradient terms (grad_at, min_l2, symmetry) live in their own module; importing it
+# here registers them wherever the objective is built.
+from at_jax import gradient  # noqa: E402,F401

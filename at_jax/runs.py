@@ -98,9 +98,17 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> Optiona
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _grain_handler():
-    import grain
-    return grain.checkpoint.CheckpointHandler()
+def _handlers(streamed: bool) -> dict:
+    """The checkpoint's items: train state, JSON metadata and (streamed runs) Grain's state."""
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if streamed:
+        import grain
+        handlers["data"] = grain.checkpoint.CheckpointHandler()
+    return handlers
+
+
+def _any_step(directory: str) -> Optional[str]:
+    return next((d for d in sorted(os.listdir(directory)) if d.isdigit()), None)
 
 
 class Checkpoints:
@@ -109,12 +117,9 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int, streamed: bool):
         self.workdir = workdir
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        if streamed:
-            handlers["data"] = _grain_handler()
         self.streamed = streamed
         self.manager = ocp.CheckpointManager(
-            self.directory, item_handlers=handlers,
+            self.directory, item_handlers=_handlers(streamed),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def steps(self) -> list[int]:
@@ -134,9 +139,8 @@ class Checkpoints:
         """``(step, state_tree, meta)`` of the newest readable checkpoint (the data iterator, if
         given, is set to its saved position), or None when there is none. Unreadable ones are
         moved aside with a warning; if none can be read, :class:`CheckpointError`."""
-        steps = self.steps()
-        failures = []
-        for step in reversed(steps):
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
             args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
             if self.streamed:
                 import grain
@@ -144,31 +148,30 @@ class Checkpoints:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # a truncated or corrupted checkpoint: try an older one
-                failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                if str(e) else f"step {step}: {type(e).__name__}")
+                first_line = str(e).splitlines()[0][:200] if str(e) else ""
+                failures.append((step, f"{type(e).__name__}: {first_line}"))
                 continue
             if failures:
-                self._set_aside([int(f.split(":")[0].split()[1]) for f in failures], failures)
+                self._set_aside(failures)
             return step, restored["state"], dict(restored["meta"] or {})
         if failures:
+            reasons = "; ".join(f"step {step}: {reason}" for step, reason in failures)
             raise CheckpointError(
-                f"no usable checkpoint in {self.directory}: " + "; ".join(failures) +
-                f". Delete {self.workdir!r} (or its checkpoints/) to start the run over.")
+                f"no usable checkpoint in {self.directory} ({reasons}). Delete "
+                f"{self.workdir!r} (or its checkpoints/) to start the run over.")
         return None
 
-    def _set_aside(self, bad_steps: list[int], reasons: list[str]) -> None:
-        for reason in reasons:
-            message = f"unreadable checkpoint in {self.directory} ({reason}); resuming from an " \
-                      "older one"
+    def _set_aside(self, failures: list[tuple[int, str]]) -> None:
+        """Move unreadable checkpoints to ``WORKDIR/corrupt_checkpoints`` (kept, not deleted)."""
+        for step, reason in failures:
+            message = (f"checkpoint {step} in {self.directory} is unreadable ({reason}); "
+                       "resuming from an older one")
             logging.warning(message)
             if jax.process_index() == 0:
                 print(f"warning: {message}", flush=True)
-        if jax.process_index() == 0:
-            aside = os.path.join(self.workdir, CORRUPT_DIR)
-            os.makedirs(aside, exist_ok=True)
-            for step in bad_steps:
-                shutil.move(os.path.join(self.directory, str(step)),
-                            os.path.join(aside, f"{step}"))
+                aside = os.path.join(self.workdir, CORRUPT_DIR)
+                os.makedirs(aside, exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
         self.manager.reload()
 
     def wait(self) -> None:
@@ -209,8 +212,8 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
     if trained_classes not in (None, num_classes):
         raise ValueError(f"teacher in {workdir!r} was trained on {config.data.name} "
                          f"({trained_classes} classes); this run has {num_classes} classes")
-    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={
-        "state": ocp.StandardCheckpointHandler()})
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers(
+        os.path.isdir(os.path.join(ckpt_dir, str(_any_step(ckpt_dir)), "data"))))
     try:
         steps = sorted(manager.all_steps())
         if not steps:

@@ -78,8 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.teacher.workdir:
         teacher_model, teacher_variables, teacher_cfg = runs.load_run_variables(
             config.teacher.workdir, data.num_classes, data.image_shape, config.teacher.seed_index)
-        teacher_variables = jax.device_put(teacher_variables, step_lib.NamedSharding(
-            mesh, step_lib.P()))
+        # host copies first: a global (multi-process) array is built from the same values on
+        # every process
+        teacher_variables = jax.device_put(jax.device_get(teacher_variables),
+                                           step_lib.NamedSharding(mesh, step_lib.P()))
         teacher_eval = evaluate.evaluate(
             evaluate.make_eval_fn(teacher_model, data.mean, data.std), teacher_variables,
             data.eval_batches())

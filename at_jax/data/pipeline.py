@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from at_jax.data import sources as sources_lib
-from at_jax.data.transforms import EvalTransform, TrainTransform
+from at_jax.data.transforms import EvalRecord, TrainTransform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,39 +138,6 @@ class DeviceIterator:
             close()
 
 
-class _EvalRecord:
-    """Index -> the eval view of test record ``index``, or a masked blank past the end."""
-
-    def __init__(self, source, size: int):
-        self.source, self.size = source, int(size)
-        self.transform = EvalTransform(size)
-
-    def __call__(self, index: int) -> dict:
-        index = int(index)
-        if index < len(self.source):
-            out = self.transform(self.source[index])
-            out["mask"] = np.float32(1)
-        else:
-            out = {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0),
-                   "mask": np.float32(0)}
-        return out
-
-
-class _Subset:
-    """A fixed random subset of a source (``config.data.train_size``/``test_size``)."""
-
-    def __init__(self, source, size: int, seed: int = 0):
-        self.source = source
-        self.indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:size])
-        self.description = f"{getattr(source, 'description', source)} (subset of {size})"
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.source[int(self.indices[int(index)])]
-
-
 class StreamedData:
     """A streamed dataset of ``config.data`` for ``mesh``: batches, sizes and normalisation."""
 
@@ -187,9 +154,9 @@ class StreamedData:
         self.mesh = mesh
         train, test, classes = splits or sources_lib.open_source(data.name, data.data_dir)
         if data.train_size:
-            train = _Subset(train, min(int(data.train_size), len(train)))
+            train = sources_lib.Subset(train, min(int(data.train_size), len(train)))
         if data.test_size:
-            test = _Subset(test, min(int(data.test_size), len(test)))
+            test = sources_lib.Subset(test, min(int(data.test_size), len(test)))
         self.train_source, self.test_source = train, test
         self.num_classes = len(classes) if classes else TFDS_CLASSES[data.name]
         self.class_names = classes
@@ -256,7 +223,7 @@ class StreamedData:
         """Global evaluation batches ``{"image", "label", "mask"}`` over the whole test set."""
         size = self.eval_batch_size()
         padded = math.ceil(self.n_test / size) * size
-        ds = grain.MapDataset.range(padded).map(_EvalRecord(self.test_source,
+        ds = grain.MapDataset.range(padded).map(EvalRecord(self.test_source,
                                                              self.config.data.image_size))
         ds = ds[jax.process_index()::jax.process_count()]
         ds = self.worker_iterable(ds.batch(size // jax.process_count()))

@@ -88,13 +88,15 @@ def class_folder(root: str, classes: Optional[list[str]] = None,
 
 def image_folder(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
     """``(train, val, class_names)`` of an image-folder tree."""
+    splits = []
+    classes = None
     for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data_dir, split)):
-            raise _layout_error("imagefolder", os.path.join(data_dir, split),
-                                f"no '{split}' folder")
-    train, classes = class_folder(os.path.join(data_dir, "train"))
-    val, _ = class_folder(os.path.join(data_dir, "val"), classes)
-    return train, val, classes
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise _layout_error("imagefolder", root, f"no '{split}' folder")
+        source, classes = class_folder(root, classes)
+        splits.append(source)
+    return splits[0], splits[1], classes
 
 
 def _read_table(path: str, name: str, columns: int) -> dict[str, list[str]]:
@@ -180,6 +182,21 @@ def _check_files(records: list[dict], name: str, where: str) -> None:
     for record in records:
         if not os.path.isfile(record["image"]):
             raise _layout_error(name, record["image"], f"listed in {where} but missing")
+
+
+class Subset:
+    """A fixed random subset of a source (``config.data.train_size``/``test_size``)."""
+
+    def __init__(self, source, size: int, seed: int = 0):
+        self.source = source
+        self.indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:size])
+        self.description = f"{getattr(source, 'description', source)} (subset of {size})"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[int(index)])]
 
 
 class TfdsSource:

@@ -149,3 +149,21 @@ class EvalTransform:
         box = _bbox(record, width, height) or (0.0, 0.0, float(width), float(height))
         box = _short_side_box(box, self.size * RESIZE_RATIO, self.size, None)
         return _output(_resized(img, box, (self.size, self.size)), record["label"])
+
+
+class EvalRecord:
+    """Index -> the eval view of test record ``index``, or a masked blank past the end."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, int(size)
+        self.transform = EvalTransform(size)
+
+    def __call__(self, index: int) -> dict:
+        index = int(index)
+        if index < len(self.source):
+            out = self.transform(self.source[index])
+            out["mask"] = np.float32(1)
+        else:
+            out = {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0),
+                   "mask": np.float32(0)}
+        return out
