@@ -20,6 +20,19 @@ from at_jax.losses import Pairs, pair_activations
 from at_jax.models import forward
 
 
+def pair_distances(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, jax.Array],
+                   pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean"
+                   ) -> dict[str, jax.Array]:
+    """Per example, ``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2`` for each paired transfer point, keyed
+    ``"student<-teacher"`` (the teacher's map resized to the student's where they differ)."""
+    out = {}
+    for s, t in pair_activations(student_acts, teacher_acts, pairs):
+        q_s = attention_map(student_acts[s], p, reduce)
+        q_t = attention_map(teacher_acts[t], p, reduce, size=student_acts[s].shape[1:3])
+        out[f"{s}<-{t}"] = jnp.linalg.norm(q_s - q_t, axis=-1)
+    return out
+
+
 def attention_distance(student: tuple, teacher: tuple, images_u8: np.ndarray, mean, std,
                        pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean",
                        batch_size: int = 500) -> Mapping[str, float]:
@@ -28,7 +41,8 @@ def attention_distance(student: tuple, teacher: tuple, images_u8: np.ndarray, me
     ``student`` and ``teacher`` are ``(flax_module, variables)``, run in eval mode on uint8
     ``images_u8`` (normalised with ``mean``/``std``). Returns ``{"student<-teacher": distance}``
     per pair (maps resized to the student's size where they differ) and their average as
-    ``"mean"``.
+    ``"mean"``. Training runs with a teacher log the same quantity on the test set at every
+    evaluation (``test/attention/...`` in metrics.jsonl).
     """
     if len(images_u8) == 0:
         raise ValueError("attention_distance needs at least one image")
@@ -40,13 +54,7 @@ def attention_distance(student: tuple, teacher: tuple, images_u8: np.ndarray, me
         x = normalize(x, mean, std)
         _, s_acts, _ = forward(s_model, s_vars, x)
         _, t_acts, _ = forward(t_model, t_vars, x)
-        out = {}
-        for s, t in pair_activations(s_acts, t_acts, pairs):
-            size = s_acts[s].shape[1:3]
-            q_s = attention_map(s_acts[s], p, reduce)
-            q_t = attention_map(t_acts[t], p, reduce, size=size)
-            out[f"{s}<-{t}"] = jnp.sum(jnp.linalg.norm(q_s - q_t, axis=-1))
-        return out
+        return {k: jnp.sum(v) for k, v in pair_distances(s_acts, t_acts, pairs, p, reduce).items()}
 
     totals = None
     for start in range(0, len(images_u8), batch_size):

@@ -20,16 +20,31 @@ from at_jax.data.augment import normalize
 from at_jax.step import error_counts
 
 
-def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: bool = False
-                 ) -> Callable:
-    """``jit((variables, batch) -> {"errors", "top5_errors", "count"})`` in eval mode.
+def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: bool = False,
+                 teacher_model: Optional[nn.Module] = None, pairs: Any = None) -> Callable:
+    """``jit((variables, batch, teacher_variables) -> sums)`` in eval mode.
 
-    With ``seeds``, ``variables`` have a leading seed axis and every count has one too."""
-    def single(variables, batch):
+    Sums over the batch's unmasked examples: ``errors``, ``top5_errors``, ``count`` and, with a
+    ``teacher_model`` and ``pairs`` (see :func:`at_jax.losses.pair_activations`), the attention
+    distance to the teacher per pair (``attention/<student><-<teacher>``, see
+    :func:`at_jax.analysis.pair_distances`). With ``seeds``, ``variables`` have a leading seed
+    axis and every sum has one too."""
+    from at_jax.analysis import pair_distances
+    from at_jax.models import forward
+
+    def single(variables, batch, teacher_variables):
         x = normalize(batch["image"], mean, std, dtype)
-        logits = model.apply(variables, x, train=False)
-        return error_counts(logits, batch["label"], batch["mask"])
-    return jax.jit(jax.vmap(single, in_axes=(0, None)) if seeds else single)
+        if teacher_model is None or pairs is None:
+            logits = model.apply(variables, x, train=False)
+            return error_counts(logits, batch["label"], batch["mask"])
+        logits, s_acts, _ = forward(model, variables, x)
+        _, t_acts, _ = forward(teacher_model, teacher_variables, x.astype(jnp.float32))
+        out = error_counts(logits, batch["label"], batch["mask"])
+        mask = batch["mask"].astype(jnp.float32)
+        for name, dist in pair_distances(s_acts, t_acts, pairs).items():
+            out[f"attention/{name}"] = jnp.sum(dist * mask)
+        return out
+    return jax.jit(jax.vmap(single, in_axes=(0, None, None)) if seeds else single)
 
 
 def student_variables(state) -> dict:
@@ -40,18 +55,27 @@ def student_variables(state) -> dict:
     return variables
 
 
-def evaluate(eval_fn: Callable, variables: Any, batches: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Test ``error`` and ``top5_error`` in % (per seed when the variables have a seed axis)."""
+def evaluate(eval_fn: Callable, variables: Any, batches: Iterable[dict],
+             teacher_variables: Any = None) -> dict[str, np.ndarray]:
+    """Test ``error`` and ``top5_error`` in %, and the attention distances the eval function
+    measures (``attention/...`` and their average ``attention/mean``) — per seed when the
+    variables have a seed axis."""
     totals = None
     for batch in batches:
-        counts = eval_fn(variables, batch)
-        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+        sums = eval_fn(variables, batch, teacher_variables if teacher_variables is not None
+                       else {})
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("evaluation got no batch: the test set is empty")
     totals = jax.device_get(totals)
     count = np.maximum(totals["count"], 1)
-    return {"error": 100.0 * totals["errors"] / count,
-            "top5_error": 100.0 * totals["top5_errors"] / count}
+    result = {"error": 100.0 * totals["errors"] / count,
+              "top5_error": 100.0 * totals["top5_errors"] / count}
+    distances = {k: v / count for k, v in totals.items() if k.startswith("attention/")}
+    if distances:
+        result.update(distances)
+        result["attention/mean"] = np.mean(np.stack(list(distances.values())), axis=0)
+    return result
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -4,11 +4,13 @@ The input-gradient "attention" of a network is ``J = ∂L(W, x)/∂x`` with ``L`
 of each example (per-example gradients: the batch's summed CE is differentiated, so ``J_i``
 does not shrink with the batch size). Terms, registered in :mod:`at_jax.losses`:
 
-  grad_at    β/2 · mean_i ||J_S,i − J_T,i||₂                       (eq. 4; ``squared=True``: ||·||²)
-  min_l2     β/2 · mean_i ||J_S,i||₂                               (Drucker & LeCun double backprop)
-  symmetry   β/2 · mean_i ||J_S,i − flip(∂L(W, flip(x))/∂x)_i||₂   (eq. 6, horizontal flip)
+  grad_at    β/2 · mean_i ||J_S,i − J_T,i||²                       (eq. 4)
+  min_l2     β/2 · mean_i ||J_S,i||²                               (Drucker & LeCun double backprop)
+  symmetry   β/2 · mean_i ||J_S,i − flip(∂L(W, flip(x))/∂x)_i||²   (eq. 6, horizontal flip)
 
-(the config's ``weight`` is β; the terms include the 1/2). The student's update differentiates
+(the config's ``weight`` is β; the terms include the 1/2). The norms are squared by default:
+eq. 5 is the gradient of β/2·||J_S − J_T||², and double backprop squares too (eqs. 4 and 6 as
+printed show the plain norm: ``squared=False``). The student's update differentiates
 through ``J_S`` — eq. 5's second-order term comes from ``jax.grad`` of a function that itself
 calls ``jax.grad``; nothing is hand-derived. The teacher's ``J_T`` is a constant.
 
@@ -76,7 +78,7 @@ def input_gradient_quantities(student_fn_factory, params, batch_stats,
     return lazy
 
 
-def _per_example_norm(x: jax.Array, squared: bool = False) -> jax.Array:
+def _per_example_norm(x: jax.Array, squared: bool = True) -> jax.Array:
     """Mean over the batch of each example's l2 norm (differentiable at 0)."""
     flat = upcast(x.reshape(x.shape[0], -1))
     if squared:
@@ -85,21 +87,22 @@ def _per_example_norm(x: jax.Array, squared: bool = False) -> jax.Array:
 
 
 @losses.register_term("grad_at", needs_teacher=True)
-def grad_at_term(out: losses.StepOutputs, squared: bool = False) -> jax.Array:
-    """Eq. 4: ½ ||J_S − J_T||₂ per example, averaged (``squared``: ½ ||J_S − J_T||²)."""
+def grad_at_term(out: losses.StepOutputs, squared: bool = True) -> jax.Array:
+    """Eq. 4: ½ ||J_S − J_T||² per example, averaged (``squared=False``: ½ ||J_S − J_T||₂)."""
     out.require_teacher("grad_at")
     diff = out.get("student_input_grad") - out.get("teacher_input_grad")
     return 0.5 * _per_example_norm(diff, squared)
 
 
 @losses.register_term("min_l2")
-def min_l2_term(out: losses.StepOutputs, squared: bool = False) -> jax.Array:
-    """Double backprop: ½ ||∂L/∂x||₂ per example, averaged."""
+def min_l2_term(out: losses.StepOutputs, squared: bool = True) -> jax.Array:
+    """Double backprop: ½ ||∂L/∂x||² per example, averaged (``squared=False``: the norm)."""
     return 0.5 * _per_example_norm(out.get("student_input_grad"), squared)
 
 
 @losses.register_term("symmetry")
-def symmetry_term(out: losses.StepOutputs, squared: bool = False) -> jax.Array:
-    """Eq. 6: ½ ||∂L(W,x)/∂x − flip(∂L(W, flip x)/∂x)||₂ per example, averaged."""
+def symmetry_term(out: losses.StepOutputs, squared: bool = True) -> jax.Array:
+    """Eq. 6: ½ ||∂L(W,x)/∂x − flip(∂L(W, flip x)/∂x)||² per example, averaged (``squared=False``:
+    the norm)."""
     diff = out.get("student_input_grad") - out.get("student_input_grad_flipped")
     return 0.5 * _per_example_norm(diff, squared)

@@ -91,19 +91,27 @@ def train_means(sums: Mapping[str, Any]) -> dict[str, float]:
     return row
 
 
+# evaluate() names -> metrics.jsonl names (the per-pair attention distances keep theirs:
+# "test/attention/<student><-<teacher>")
+TEST_KEYS = {"error": "test/error", "top5_error": "test/top5_error",
+             "attention/mean": "test/attention_distance"}
+
+
 def epoch_row(sums, test: Optional[Mapping[str, np.ndarray]], epoch: int, step: int, lr: float,
               train_time: float, epoch_time: float) -> dict[str, Any]:
-    """An epoch's metrics row: train means, test errors (median over seeds, and per seed)."""
+    """An epoch's metrics row: train means, test errors and attention distances to the teacher
+    (median over seeds, and per seed)."""
     count = float(np.max(sums["train/count"]))
     row = {"epoch": epoch, "step": step, "lr": lr, "epoch_time_s": epoch_time,
            "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(train_time, 1e-9)}
     row.update(train_means(sums))
     if test is not None:
-        for name in ("error", "top5_error"):
-            values = np.atleast_1d(test[name])
-            row[f"test/{name}"] = float(np.median(values))
-            if len(values) > 1:
-                row[f"test/{name}_per_seed"] = [float(v) for v in values]
+        for name, values in test.items():
+            values = np.atleast_1d(values)
+            key = TEST_KEYS.get(name, f"test/{name}")
+            row[key] = float(np.median(values))
+            if len(values) > 1 and name in TEST_KEYS:
+                row[f"{key}_per_seed"] = [float(v) for v in values]
     return row
 
 

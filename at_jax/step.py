@@ -140,9 +140,24 @@ class Step:
         dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
         self._student_shapes = jax.eval_shape(lambda: forward(self.model, self.model.init(
             jax.random.key(0), dummy), dummy)[1])
-        t_shapes = {} if teacher_model is None else jax.eval_shape(
+        self._teacher_shapes = {} if teacher_model is None else jax.eval_shape(
             lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
-        self.term_modules = losses.term_modules(self.loss_spec, self._student_shapes, t_shapes)
+        self.term_modules = losses.term_modules(self.loss_spec, self._student_shapes,
+                                                self._teacher_shapes)
+
+    def attention_pairs(self) -> Optional[Any]:
+        """The transfer points at which to measure the attention distance to the teacher: the
+        AT term's pairs when it is on, else ``"groups"``; None without a teacher or when the
+        two networks cannot be paired (their group counts differ)."""
+        if self.teacher_model is None:
+            return None
+        active = losses.validate_terms(self.loss_spec)
+        pairs = active.get("at", {}).get("pairs", "groups")
+        try:
+            losses.pair_activations(self._student_shapes, self._teacher_shapes, pairs)
+        except ValueError:
+            return None
+        return pairs
 
     # ------------------------------------------------------------------ state
 
@@ -174,20 +189,26 @@ class Step:
 
     # ------------------------------------------------------------------ the step
 
-    def student_fn(self, params, batch_stats, train: bool) -> Callable:
-        """``x -> (logits, activations, new_batch_stats)`` of the student."""
+    def student_fn(self, params, batch_stats, train: bool, dropout_key=None) -> Callable:
+        """``x -> (logits, activations, new_batch_stats)`` of the student (``dropout_key``: the
+        dropout masks in train mode, for models with dropout)."""
         variables = {"params": params["student"]}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        return lambda x: forward(self.model, variables, x, train=train)
+        rngs = {"dropout": dropout_key} if train and dropout_key is not None else None
+        return lambda x: forward(self.model, variables, x, train=train, rngs=rngs)
 
     def _bound_term_modules(self, params) -> dict[str, Callable]:
         return {name: functools.partial(module.apply, {"params": params["terms"][name]})
                 for name, module in self.term_modules.items()}
 
-    def _outputs(self, params, batch_stats, teacher_variables, images, labels, step):
-        """Student (train mode) and teacher (eval mode) forward passes -> StepOutputs."""
-        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True)(images)
+    def _outputs(self, params, batch_stats, teacher_variables, images, labels, step, key):
+        """Student (train mode) and teacher (eval mode) forward passes -> StepOutputs.
+
+        The input-gradient pass of the gradient terms sees the same dropout masks as the
+        training forward (``key``)."""
+        student_fn = lambda p, bs, train: self.student_fn(p, bs, train, key)  # noqa: E731
+        s_logits, s_acts, new_stats = student_fn(params, batch_stats, True)(images)
         t_logits, t_acts, teacher_fn = None, {}, None
         if self.teacher_model is not None:
             teacher_fn = lambda x: forward(self.teacher_model, teacher_variables, x)  # noqa
@@ -197,8 +218,9 @@ class Step:
             teacher_logits=t_logits, teacher_acts=t_acts,
             term_modules=self._bound_term_modules(params),
             weight_scale=self.schedule(step) / self.config.optimizer.lr,
+            epoch=step // self.steps_per_epoch + 1,
             lazy=gradient.input_gradient_quantities(
-                self.student_fn, params, batch_stats, teacher_fn, images, labels,
+                student_fn, params, batch_stats, teacher_fn, images, labels,
                 **self.gradient_options))
         return out, new_stats
 
@@ -224,7 +246,7 @@ class Step:
 
         def loss_fn(params):
             out, new_stats = self._outputs(params, state.batch_stats, teacher_variables, images,
-                                           labels, state.step)
+                                           labels, state.step, jax.random.fold_in(key, 1))
             loss, measurements = self.objective(out)
             return loss, (measurements, new_stats, out.student_logits)
 

@@ -128,7 +128,9 @@ def _loop(config, workdir, data, step, teacher_variables, teacher_eval, checkpoi
                   f"{steps_per_epoch})", flush=True)
     batches = train_iter if data.streamed else data.train_batches(start_step)
     writer = MetricsWriter(workdir, start_step, enabled=is_main)
-    eval_fn = evaluate.make_eval_fn(step.model, data.mean, data.std, step.dtype, seeds=True)
+    eval_fn = evaluate.make_eval_fn(step.model, data.mean, data.std, step.dtype, seeds=True,
+                                    teacher_model=step.teacher_model,
+                                    pairs=step.attention_pairs())
     accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     session_start = time.time()
 
@@ -169,7 +171,7 @@ def _loop(config, workdir, data, step, teacher_variables, teacher_eval, checkpoi
                 test = None
                 if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
                     test = evaluate.evaluate(eval_fn, evaluate.student_variables(state),
-                                             data.eval_batches())
+                                             data.eval_batches(), teacher_variables)
                 row = epoch_row(host, test, epoch, current,
                                 float(step.schedule((epoch - 1) * steps_per_epoch)),
                                 train_time, time.time() - t_epoch)
@@ -226,6 +228,11 @@ def _results(config, history, teacher_eval: Optional[dict], wall_time) -> dict[s
     if len(final) > 1:
         results["final_test_error_per_seed"] = final
         results["best_test_error_per_seed"] = best
+    distances = {k[len("test/attention/"):]: v for k, v in evaluated[-1].items()
+                 if k.startswith("test/attention/")}
+    if distances:
+        distances["mean"] = evaluated[-1]["test/attention_distance"]
+        results["final_attention_distance"] = distances
     if teacher_eval is not None:
         results["teacher_test_error"] = teacher_eval["error"]
         results["teacher_test_top5_error"] = teacher_eval["top5_error"]

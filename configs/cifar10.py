@@ -10,11 +10,12 @@ Students read their teacher from runs/cifar10/wrn-16-2 (override with --config.t
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: student 8.77 · AT 7.93 · F-ActT 8.51 · KD 7.41 · AT+KD 7.51 · teacher (WRN-16-2) 6.31 (% test error, paper Table 1, WRN-16-2 → WRN-16-1; 200 epochs; runtime: a full run has not been timed yet, see benchmarks/RESULTS.md for measured step throughput).
 """
 
-from configs import default, methods
+from configs import default
+from configs.methods import table1_recipe
 
 TEACHER_WORKDIR = "runs/cifar10/wrn-16-2"
 
 
 def get_config(method: str = "student"):
     config = default.get_config()
-    return methods.apply_method(config, method, TEACHER_WORKDIR)
+    return table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=True)

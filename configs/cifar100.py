@@ -10,7 +10,8 @@ Students read their teacher from runs/cifar100/wrn-16-2 (override with --config.
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: peers report (WRN-40-2 → WRN-16-2, 240 epochs) top-1 accuracy: teacher 75.61, student 73.26, KD 74.92, AT 74.08.
 """
 
-from configs import default, methods
+from configs import default
+from configs.methods import table1_recipe
 
 TEACHER_WORKDIR = "runs/cifar100/wrn-16-2"
 
@@ -18,4 +19,4 @@ TEACHER_WORKDIR = "runs/cifar100/wrn-16-2"
 def get_config(method: str = "student"):
     config = default.get_config()
     config.data.name = "cifar100"
-    return methods.apply_method(config, method, TEACHER_WORKDIR)
+    return table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=False)

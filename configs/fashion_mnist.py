@@ -10,7 +10,8 @@ Students read their teacher from runs/fashion_mnist/wrn-16-2 (override with --co
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: measured numbers for the short schedule are in README.md (make demo); the full 200-epoch recipe is the CIFAR one.
 """
 
-from configs import default, methods
+from configs import default
+from configs.methods import table1_recipe
 
 TEACHER_WORKDIR = "runs/fashion_mnist/wrn-16-2"
 
@@ -18,4 +19,4 @@ TEACHER_WORKDIR = "runs/fashion_mnist/wrn-16-2"
 def get_config(method: str = "student"):
     config = default.get_config()
     config.data.name = "fashion_mnist"
-    return methods.apply_method(config, method, TEACHER_WORKDIR)
+    return table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=True)

@@ -232,3 +232,44 @@ def test_attention_distance_is_zero_for_the_teacher_itself_and_grows_with_differ
     np.testing.assert_allclose(other["group1<-group1"], direct.mean(), rtol=1e-5)
     with pytest.raises(ValueError, match="at least one image"):
         attention_distance((model, v2), (model, v1), images[:0], 0.5, 0.25)
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_legacy_kd_is_two_over_c_times_the_kl_term_plus_the_ce_term(num_classes):
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=(2, 8, num_classes)) * 2
+    labels = rng.integers(0, num_classes, size=8)
+    T, alpha = 4.0, 0.9
+    log_p, log_q = np_log_softmax(s / T), np_log_softmax(t / T)
+    # torch's old kl_div default: the mean over all B×C elements of q·(log q − log p)
+    elementwise_mean = (np.exp(log_q) * (log_q - log_p)).mean()
+    ce = -np_log_softmax(s)[np.arange(8), labels].mean()
+    expected = elementwise_mean * (T * T * 2 * alpha) + ce * (1 - alpha)
+    args = (jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(labels), T,
+            alpha)
+    np.testing.assert_allclose(kd_loss(*args, legacy=True), expected, rtol=1e-5)
+    kl_term = kd_loss(*args) - (1 - alpha) * ce
+    np.testing.assert_allclose(kd_loss(*args, legacy=True) - (1 - alpha) * ce,
+                               2 / num_classes * kl_term, rtol=1e-4)
+    spec = {"kd": {"weight": 1.0, "legacy": True}, "ce": {"weight": 0.0}}
+    out = StepOutputs(images=jnp.zeros((8, 2, 2, 1)), labels=jnp.asarray(labels),
+                      student_logits=args[0], student_acts={}, teacher_logits=args[1])
+    np.testing.assert_allclose(make_objective(spec)(out)[0], expected, rtol=1e-5)
+
+
+def test_a_term_with_start_epoch_counts_from_that_epoch_on():
+    out = make_outputs(jax.random.key(3))
+    objective = make_objective({"ce": {"weight": 1.0}, "at": {"weight": 100.0, "start_epoch": 3}})
+    values = {}
+    for epoch in (1, 2, 3, 7):
+        out.epoch = jnp.asarray(epoch)
+        out.extras = {}
+        values[epoch] = objective(out)
+    for epoch in (1, 2):
+        np.testing.assert_allclose(values[epoch][0], values[epoch][1]["ce"], rtol=1e-6)
+        assert float(values[epoch][1]["at"]) > 0  # still measured
+    for epoch in (3, 7):
+        np.testing.assert_allclose(values[epoch][0], values[epoch][1]["ce"] +
+                                   100.0 * values[epoch][1]["at"], rtol=1e-6)
+    with pytest.raises(ValueError, match="start_epoch must be an integer"):
+        make_objective({"ce": {"weight": 1.0, "start_epoch": -1}})

@@ -29,14 +29,58 @@ def test_resnet_parameter_counts_equal_torchvision(name, count):
     assert n_params(variables["params"]) == count
 
 
-def test_nin_sizes_match_paper_and_switches():
-    _, thin = init_shapes("nin-thin")
-    _, wide = init_shapes("nin-wide")
-    assert 0.15e6 < n_params(thin["params"]) < 0.3e6
-    assert 0.8e6 < n_params(wide["params"]) < 1.2e6
-    _, no_bn = init_shapes("nin-thin", batch_norm=False)
-    assert "batch_stats" not in no_bn
-    assert "bias" in no_bn["params"]["block0_conv0"]
+@pytest.mark.parametrize("name,bn,count", [("nin-wide", False, 966_986), ("nin-wide", True, 969_822),
+                                           ("nin-thin", False, 246_186), ("nin-thin", True, 247_614)])
+def test_nin_parameter_counts_equal_the_authors_network(name, bn, count):
+    _, variables = init_shapes(name, batch_norm=bn)
+    trainable = variables["params"]
+    assert n_params(trainable) == count
+    assert ("batch_stats" in variables) == bn
+    assert "bias" in trainable["block0_conv0"] and trainable["block0_conv0"]["kernel"].shape[:2] == (5, 5)
+
+
+@pytest.mark.parametrize("size,channels,maps", [(32, 3, (32, 16, 8)), (28, 1, (28, 14, 7))])
+def test_nin_output_and_transfer_point_shapes(size, channels, maps):
+    model = get_model("nin-thin", batch_norm=False, relu_before_pool=False)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
+    variables = init(model, 0, x)
+    logits, acts, _ = forward(model, variables, x)
+    assert logits.shape == (2, 10)
+    assert {k: v.shape for k, v in acts.items()} == {
+        "block0": (2, maps[0], maps[0], 48), "block1": (2, maps[1], maps[1], 96),
+        "block2": (2, maps[2], maps[2], 10)}
+    # without ReLU before pooling the blocks' outputs keep their negative values
+    assert float(acts["block0"].min()) < 0 and float(acts["block2"].min()) < 0
+    relu = get_model("nin-thin", batch_norm=False)
+    _, relu_acts, _ = forward(relu, variables, x)
+    assert float(relu_acts["block0"].min()) >= 0
+    # dropout only in train mode, from the "dropout" rng
+    a = forward(model, variables, x, train=True, rngs={"dropout": jax.random.key(1)})[0]
+    b = forward(model, variables, x, train=True, rngs={"dropout": jax.random.key(2)})[0]
+    assert not np.allclose(a, b)
+    no_dropout = get_model("nin-thin", batch_norm=False, relu_before_pool=False, dropout_rate=0.0)
+    np.testing.assert_allclose(forward(no_dropout, variables, x, train=True)[0], logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bn_scale_init_uniform_as_the_reference_cifar_code():
+    model = get_model("wrn-16-1", bn_scale_init="uniform")
+    scales = np.concatenate([np.ravel(v) for k, v in _flat(init(model, 0, jnp.ones((1, 32, 32, 3)))
+                                                          ["params"]).items()
+                             if k.endswith("scale")])
+    assert scales.min() >= 0 and scales.max() < 1 and 0.4 < scales.mean() < 0.6
+    assert len(np.unique(scales)) > 100
+    default = get_model("wrn-16-1")
+    ones = [v for k, v in _flat(init(default, 0, jnp.ones((1, 32, 32, 3)))["params"]).items()
+            if k.endswith("scale")]
+    assert all(np.all(np.asarray(v) == 1) for v in ones)
+    with pytest.raises(ValueError, match="bn_scale_init must be one of"):
+        init(get_model("wrn-tiny", bn_scale_init="zeros"), 0, jnp.ones((1, 8, 8, 3)))
+
+
+def _flat(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 @pytest.mark.parametrize("size,channels", [(32, 3), (28, 1)])
@@ -55,11 +99,11 @@ def test_wrn_sows_groups_and_blocks(size, channels):
 
 
 def test_nin_and_resnet_sow_their_transfer_points():
-    nin = get_model("nin-thin")
+    nin = get_model("nin-tiny")
     x = jnp.ones((2, 32, 32, 3))
     _, acts, _ = forward(nin, init(nin, 0, x), x)
     assert {k: v.shape for k, v in acts.items()} == {
-        "block0": (2, 32, 32, 64), "block1": (2, 16, 16, 96), "block2": (2, 8, 8, 128)}
+        "block0": (2, 32, 32, 4), "block1": (2, 16, 16, 8), "block2": (2, 8, 8, 10)}
     res = get_model("resnet-18", num_classes=5)
     x = jnp.ones((1, 64, 64, 3))
     logits, acts, _ = forward(res, init(res, 0, x), x)

@@ -47,6 +47,21 @@ def test_teacher_then_at_kd_student_end_to_end(idx_dir, teacher_dir, tmp_path):
     assert row["train/loss"] == pytest.approx(row["train/kd"] + 1e3 * row["train/at"], rel=1e-4)
     assert os.listdir(tmp_path / "tensorboard")
     assert json.load(open(tmp_path / "results.json")) == results
+    # the attention distance to the teacher is measured at every evaluation, per group, and
+    # equals the independent analysis of the saved student
+    from at_jax.analysis import attention_distance
+    data = load_dataset("fashion_mnist", "local", str(idx_dir))
+    s_model, s_vars, _ = runs.load_run_variables(str(tmp_path), 10, data.image_shape)
+    t_model, t_vars, _ = runs.load_run_variables(str(teacher_dir), 10, data.image_shape)
+    expected = attention_distance((s_model, s_vars), (t_model, t_vars), data.test_images,
+                                  data.mean, data.std)
+    final = results["final_attention_distance"]
+    assert set(final) == {"group0<-group0", "group1<-group1", "group2<-group2", "mean"}
+    for key, value in expected.items():
+        assert final[key] == pytest.approx(value, rel=1e-4), key
+    assert row["test/attention_distance"] == pytest.approx(expected["mean"], rel=1e-4)
+    assert row["test/attention/group1<-group1"] == pytest.approx(expected["group1<-group1"],
+                                                                 rel=1e-4)
 
 
 def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(idx_dir, teacher_dir,
@@ -224,5 +239,12 @@ def test_method_configs_compose_terms():
     assert cifar10.get_config("at_fmax1").loss.at.reduce == "max"
     assert cifar100.get_config("teacher").data.name == "cifar100"
     assert cifar10.get_config("kd").teacher.workdir == "runs/cifar10/wrn-16-2"
+    # the reference CIFAR code's details: BN scales U(0, 1); the paper's (pre-2018) KD on the
+    # CIFAR-10 and Fashion-MNIST tables, today's on CIFAR-100; F-ActT's β decays with the lr
+    for module, legacy in ((cifar10, True), (fashion_mnist, True), (cifar100, False)):
+        config = module.get_config("kd")
+        assert config.model_overrides.bn_scale_init == "uniform"
+        assert config.loss.kd.legacy is legacy
+    assert cifar10.get_config("factt").loss.factt.weight_schedule == "lr"
     with pytest.raises(ValueError, match="unknown method"):
         cifar10.get_config("distill")

@@ -2,7 +2,8 @@
 
 Names: ``wrn-D-K`` (any depth D = 6n+4 and integer width K), ``nin-thin``, ``nin-wide``,
 ``resnet-18``, ``resnet-34``, and, for fast tests, ``wrn-tiny`` (WRN-10-1) and ``resnet-tiny`` (one
-block per group, widths 8-64, the ResNet layout otherwise).
+block per group, widths 8-64, the ResNet layout otherwise) and ``nin-tiny`` (the NIN layout,
+widths 4-8).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _FIXED = {
     "wrn-tiny": lambda **kw: WideResNet(depth=10, width=1, **kw),
     "resnet-tiny": lambda **kw: ResNet(**{"stage_sizes": (1, 1, 1, 1), "widths": (8, 16, 32, 64),
                                           **kw}),
+    "nin-tiny": lambda **kw: NIN(**{"widths": (8, 8, 4, 8, 8, 8, 8, 8), **kw}),
 }
 
 
@@ -56,17 +58,18 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
         raise ValueError(f"bad override for model {name!r}: {e}") from None
 
 
-def forward(model: nn.Module, variables, x, train: bool = False):
+def forward(model: nn.Module, variables, x, train: bool = False, rngs=None):
     """Run ``model`` and collect its sown activations.
 
     Returns ``(logits, activations, new_batch_stats)``: activations map sown names to arrays
     (names sown inside submodules are joined with ``/``, e.g. ``backbone/group0``);
-    ``new_batch_stats`` is the updated BN state when ``train`` (else ``None``).
+    ``new_batch_stats`` is the updated BN state when ``train`` (else ``None``). ``rngs`` (e.g.
+    ``{"dropout": key}``) feed models with dropout in train mode.
     """
     mutable = ["intermediates"]
     if train and "batch_stats" in variables:
         mutable.append("batch_stats")
-    logits, state = model.apply(variables, x, train=train, mutable=mutable)
+    logits, state = model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
     flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})), sep="/")
     acts = {name: value[0] for name, value in flat.items()}
     return logits, acts, state.get("batch_stats")

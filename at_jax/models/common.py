@@ -1,9 +1,9 @@
 """Building blocks shared by the model families.
 
 Initialisation follows the reference code: convolutions and dense layers use kaiming-normal
-(fan-in, gain sqrt(2), untruncated normal), biases are zero. Batch-norm scales start at one and
-offsets at zero (the reference CIFAR code draws BN scales from U(0, 1); ones is the torchvision and
-Flax default and trains equally well — documented in the README).
+(fan-in, gain sqrt(2), untruncated normal), biases are zero. Batch-norm offsets start at zero and
+scales at one (``bn_scale_init="ones"``, the torchvision and Flax default) or, as the reference
+CIFAR code, drawn from U(0, 1) (``bn_scale_init="uniform"``; the Table 1/2 configs use it).
 """
 
 from __future__ import annotations
@@ -32,10 +32,22 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
                    kernel_init=kaiming_normal, name=name, dtype=dtype)
 
 
-def batch_norm(train: bool, name: str | None = None, dtype=jnp.float32) -> nn.BatchNorm:
+BN_SCALE_INITS = ("ones", "uniform")
+
+
+def bn_scale_initializer(kind: str):
+    """``"ones"`` or ``"uniform"`` (U(0, 1), the reference CIFAR code's BN scales)."""
+    if kind not in BN_SCALE_INITS:
+        raise ValueError(f"bn_scale_init must be one of {BN_SCALE_INITS}, got {kind!r}")
+    return nn.initializers.ones if kind == "ones" else nn.initializers.uniform(1.0)
+
+
+def batch_norm(train: bool, name: str | None = None, dtype=jnp.float32,
+               scale_init: str = "ones") -> nn.BatchNorm:
     """BatchNorm with PyTorch's momentum and epsilon; batch statistics when training."""
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, name=name, dtype=dtype)
+                        epsilon=BN_EPSILON, scale_init=bn_scale_initializer(scale_init),
+                        name=name, dtype=dtype)
 
 
 dense = functools.partial(nn.Dense, kernel_init=kaiming_normal)

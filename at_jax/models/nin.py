@@ -1,19 +1,28 @@
-"""Network-in-Network for CIFAR-sized inputs (the paper's §4.1.1 and §4.1.3 students/teachers).
+"""Network-in-Network for CIFAR-sized inputs, as the authors' own (cifar.torch ``models/nin.lua``,
+Lin et al.'s CIFAR network) — the paper's NIN students and teachers (§4.1.1, §4.1.3).
 
-Three blocks, each conv3×3 → conv1×1 → conv1×1 (every conv followed by [BN] and ReLU), then 2×2
-max pooling after the first two blocks and global average pooling after the last, and a dense head.
-Two switches reproduce the paper's variants:
+    block0: conv5×5 w0 → conv1×1 w1 → conv1×1 w2 → max-pool 3×3/2 (ceil) → dropout
+    block1: conv5×5 w3 → conv1×1 w4 → conv1×1 w5 → avg-pool 3×3/2 (ceil) → dropout
+    block2: conv3×3 w6 → conv1×1 w7 → conv1×1 num_classes → global average
 
-  ``batch_norm``        BN after every conv (the activation-based experiments) or none, with conv
-                        biases instead (Table 3, gradient-based AT);
-  ``relu_before_pool``  whether the last conv of a block is followed by ReLU. The paper's thin
-                        student without BN drops it ("which leads to better performance without
-                        batch normalization").
+Every convolution has a bias and is followed by [BN (eps 1e-3)] and ReLU. Switches for the
+paper's variants:
 
-Sown activations: ``block0``, ``block1``, ``block2`` — each block's output before pooling
-(32², 16², 8² on CIFAR, matching WRN groups).
+  ``batch_norm``        BN after every conv (the activation-based experiments) or none (Table 3's
+                        gradient-based AT);
+  ``relu_before_pool``  whether the conv before each pooling is followed by ReLU. The paper's
+                        thin student without BN drops it ("which leads to better performance
+                        without batch normalization"), and so does its second teacher for
+                        activation-based AT;
+  ``dropout_rate``      the dropout after the two poolings (0.5 in nin.lua; 0 turns it off).
 
-Widths: ``nin-thin`` (64, 96, 128) ≈ 0.23M parameters, ``nin-wide`` (128, 192, 256) ≈ 0.91M.
+Widths: ``nin-wide`` (192, 160, 96, 192, 192, 192, 192, 192): 966,986 parameters without BN,
+969,822 with (10 classes) — the paper's "wide NIN, 1M"; ``nin-thin`` halves every width: 246,186
+/ 247,614 — the "thin NIN, 0.2M". Weights are drawn from N(0, 0.05²), biases are zero.
+
+Sown activations: ``block0``, ``block1``, ``block2`` — each block's output before its pooling
+(the conv outputs AT uses: 32², 16², 8² on CIFAR; 28², 14², 7² on Fashion-MNIST). Pooling uses
+PyTorch's ceil mode; an average over a window cut by the border divides by the pixels inside it.
 """
 
 from __future__ import annotations
@@ -24,10 +33,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from at_jax.precision import upcast
-from at_jax.models.common import batch_norm, conv, dense
+from at_jax.models.common import BN_MOMENTUM, bn_scale_initializer
 
-THIN_WIDTHS = (64, 96, 128)
-WIDE_WIDTHS = (128, 192, 256)
+WIDE_WIDTHS = (192, 160, 96, 192, 192, 192, 192, 192)
+THIN_WIDTHS = tuple(w // 2 for w in WIDE_WIDTHS)
+BN_EPSILON = 1e-3
+KERNELS = ((5, 1, 1), (5, 1, 1), (3, 1, 1))
+weight_init = nn.initializers.normal(0.05)
+
+
+def _ceil_padding(size: int, window: int = 3, stride: int = 2) -> tuple[int, int]:
+    """Right padding that makes a VALID pooling produce PyTorch's ceil-mode output size."""
+    out = -(-(size - window) // stride) + 1
+    return (0, max(0, (out - 1) * stride + window - size))
 
 
 class NIN(nn.Module):
@@ -35,24 +53,37 @@ class NIN(nn.Module):
     num_classes: int = 10
     batch_norm: bool = True
     relu_before_pool: bool = True
+    dropout_rate: float = 0.5
+    bn_scale_init: str = "ones"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if len(self.widths) == 0 or any(int(w) < 1 for w in self.widths):
-            raise ValueError(f"NIN widths must be positive integers, got {tuple(self.widths)!r}")
+        if len(self.widths) != 8 or any(int(w) < 1 for w in self.widths):
+            raise ValueError("NIN widths are 8 positive integers (the convs before the classifier "
+                             f"conv), got {tuple(self.widths)!r}")
         x = x.astype(self.dtype)
-        last_block = len(self.widths) - 1
-        for b, width in enumerate(self.widths):
-            for j, kernel in enumerate((3, 1, 1)):
-                x = conv(width, kernel, use_bias=not self.batch_norm, name=f"block{b}_conv{j}",
-                         dtype=self.dtype)(x)
+        features = list(self.widths) + [self.num_classes]
+        for b, kernels in enumerate(KERNELS):
+            for j, kernel in enumerate(kernels):
+                pad = kernel // 2
+                x = nn.Conv(features[3 * b + j], (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                            kernel_init=weight_init, name=f"block{b}_conv{j}", dtype=self.dtype)(x)
                 if self.batch_norm:
-                    x = batch_norm(train, f"block{b}_bn{j}", self.dtype)(x)
+                    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                                     epsilon=BN_EPSILON, scale_init=bn_scale_initializer(
+                                         self.bn_scale_init), name=f"block{b}_bn{j}",
+                                     dtype=self.dtype)(x)
                 if j < 2 or self.relu_before_pool:
                     x = nn.relu(x)
             self.sow("intermediates", f"block{b}", x)
-            if b < last_block:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = jnp.mean(x, axis=(1, 2))
-        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
+            if b < 2:
+                padding = (_ceil_padding(x.shape[1]), _ceil_padding(x.shape[2]))
+                pool = nn.max_pool if b == 0 else _avg_pool
+                x = pool(x, (3, 3), strides=(2, 2), padding=padding)
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return upcast(jnp.mean(x, axis=(1, 2)))
+
+
+def _avg_pool(x, window, strides, padding):
+    return nn.avg_pool(x, window, strides=strides, padding=padding, count_include_pad=False)

@@ -28,17 +28,19 @@ class BasicBlock(nn.Module):
     features: int
     stride: int
     dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"
 
     @nn.compact
     def __call__(self, x, train: bool):
+        bn = lambda name: batch_norm(train, name, self.dtype, self.bn_scale_init)  # noqa: E731
         y = conv(self.features, 3, self.stride, name="conv1", dtype=self.dtype)(x)
-        y = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        y = nn.relu(bn("bn1")(y))
         y = conv(self.features, 3, 1, name="conv2", dtype=self.dtype)(y)
-        y = batch_norm(train, "bn2", self.dtype)(y)
+        y = bn("bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, 1, self.stride, padding=0, name="downsample_0",
                      dtype=self.dtype)(x)
-            x = batch_norm(train, "downsample_1", self.dtype)(x)
+            x = bn("downsample_1")(x)
         return nn.relu(x + y)
 
 
@@ -47,17 +49,19 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     dtype: Any = jnp.float32
     widths: Sequence[int] = STAGE_WIDTHS
+    bn_scale_init: str = "ones"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = conv(self.widths[0], 7, 2, padding=3, name="conv1", dtype=self.dtype)(
             x.astype(self.dtype))
-        x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for i in range(size):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = BasicBlock(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
+                x = BasicBlock(width, stride, self.dtype, self.bn_scale_init,
+                               name=f"layer{stage + 1}_{i}")(x, train)
             self.sow("intermediates", f"layer{stage + 1}", x)
         x = jnp.mean(x, axis=(1, 2))
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))

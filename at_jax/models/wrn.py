@@ -39,12 +39,13 @@ class WRNBlock(nn.Module):
     features: int
     stride: int
     dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        o1 = nn.relu(batch_norm(train, "bn0", self.dtype)(x))
+        o1 = nn.relu(batch_norm(train, "bn0", self.dtype, self.bn_scale_init)(x))
         y = conv(self.features, 3, self.stride, name="conv0", dtype=self.dtype)(o1)
-        o2 = nn.relu(batch_norm(train, "bn1", self.dtype)(y))
+        o2 = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(y))
         z = conv(self.features, 3, 1, name="conv1", dtype=self.dtype)(o2)
         if x.shape[-1] != self.features:
             return z + conv(self.features, 1, self.stride, padding=0, name="convdim",
@@ -61,6 +62,7 @@ class WideResNet(nn.Module):
     width: int = 1
     num_classes: int = 10
     dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"  # "uniform": U(0, 1), as the reference CIFAR code
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -71,10 +73,10 @@ class WideResNet(nn.Module):
         for g, (base, stride) in enumerate(zip(BASE_WIDTHS, GROUP_STRIDES)):
             for i in range(n):
                 x = WRNBlock(base * self.width, stride if i == 0 else 1, self.dtype,
-                             name=f"group{g}_block{i}")(x, train)
+                             self.bn_scale_init, name=f"group{g}_block{i}")(x, train)
                 self.sow("intermediates", f"group{g}.block{i}", x)
             self.sow("intermediates", f"group{g}", x)
-        x = nn.relu(batch_norm(train, "bn", self.dtype)(x))
+        x = nn.relu(batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x))
         x = jnp.mean(x, axis=(1, 2))
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
 
