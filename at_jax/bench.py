@@ -33,12 +33,15 @@ flags.DEFINE_enum("method", "at", list(METHODS), "Objective to time.")
 flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up step).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("seeds", 1, "Independent students trained in one program (vmap).")
+flags.DEFINE_integer("seeds", 1, "Independent students trained in one program.")
+flags.DEFINE_enum("seed_strategy", "auto", ["auto", "vmap", "unroll"],
+                  "How the seeds share the program (auto: unroll on CPU, vmap elsewhere).")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("dataset_size", 4096, "Synthetic in-memory training images.")
 
 
-def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int):
+def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int,
+                 seed_strategy: str = "auto"):
     config = recipes.base_config()
     if METHODS[method] is not None:
         recipes.apply_method(config, METHODS[method], "")
@@ -48,12 +51,13 @@ def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int):
     config.batch_size = batch
     config.dtype = dtype
     config.num_seeds = seeds
+    config.seed_strategy = seed_strategy
     return config
 
 
 def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, image_size=32,
-        dataset_size=4096) -> dict:
-    config = bench_config(method, student, batch, dtype, seeds)
+        dataset_size=4096, seed_strategy="auto") -> dict:
+    config = bench_config(method, student, batch, dtype, seeds, seed_strategy)
     shape = (image_size, image_size, 3)
     t_model, t_vars = None, {}
     if method != "ce" and method not in ("min_l2", "symmetry"):
@@ -85,14 +89,16 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
             "compile_s": compile_s, "device": jax.devices()[0].device_kind,
             "num_devices": len(jax.devices()), "method": method, "student": student,
             "teacher": teacher_name if t_model else None, "batch": batch, "dtype": dtype,
-            "seeds": seeds, "steps": steps, "image_size": image_size}
+            "seeds": seeds, "seed_strategy": st.seed_strategy() if seeds > 1 else "single",
+            "steps": steps, "image_size": image_size}
 
 
 def main(argv):
     del argv
     devices.use_cpu_cores(FLAGS.batch)
     print(json.dumps(run(FLAGS.method, FLAGS.student, FLAGS.teacher, FLAGS.batch, FLAGS.steps,
-                         FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size)))
+                         FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size,
+                         FLAGS.seed_strategy)))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"              # float32 | bfloat16 (compute; params stay float32)
 
     config.seed = 0
-    config.num_seeds = 1                  # > 1: independent students trained together (vmap)
+    config.num_seeds = 1                  # > 1: independent students trained together
+    config.seed_strategy = "auto"         # auto (unroll on CPU, vmap elsewhere) | vmap | unroll
     config.log_every_steps = 0            # > 0: a metrics row every N steps (long epochs)
     config.eval_every_epochs = 1          # test error every N epochs (and after the last)
     config.checkpoint_every_epochs = 1

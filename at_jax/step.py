@@ -38,6 +38,7 @@ from at_jax.data import augment as aug
 from at_jax.models import forward, get_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SEED_STRATEGIES = ("auto", "vmap", "unroll")
 
 # The run's random keys (init, augmentation) use the "rbg" PRNG: XLA compiles it far faster than
 # the default threefry (the train-state init of a WRN compiles in ~3-4 s instead of ~10-14 s on
@@ -179,9 +180,15 @@ class Step:
                           for s in range(self.num_seeds)])
 
     def init_state(self) -> TrainState:
-        """Train state with a leading seed axis, replicated over the mesh."""
-        init = jax.jit(jax.vmap(self.init_single), out_shardings=self.replicated)
-        return init(self.seed_keys())
+        """Train state with a leading seed axis, replicated over the mesh (initialised per seed
+        as the step computes them: see :meth:`seed_strategy`)."""
+        if self.num_seeds > 1 and self.seed_strategy() == "unroll":
+            def init(keys):
+                states = [self.init_single(keys[s]) for s in range(self.num_seeds)]
+                return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        else:
+            init = jax.vmap(self.init_single)
+        return jax.jit(init, out_shardings=self.replicated)(self.seed_keys())
 
     @property
     def replicated(self) -> NamedSharding:
@@ -263,10 +270,32 @@ class Step:
         metrics.update({f"train/{k}": v for k, v in error_counts(logits, labels).items()})
         return new_state, metrics
 
+    def seed_strategy(self) -> str:
+        """How the seeds of one program are computed: ``config.seed_strategy``, where "auto" is
+        "unroll" on CPU (``jax.vmap`` turns per-seed convolutions into grouped ones, which
+        XLA:CPU runs slowly; one step per seed in the same program keeps every core busy) and
+        "vmap" elsewhere. The "rbg" PRNG draws differently under ``vmap``, so each strategy is
+        deterministic on its own; unrolled, seed ``s`` of a run is exactly the single-seed run
+        with ``config.seed + s``."""
+        strategy = self.config.get("seed_strategy", "auto")
+        if strategy not in SEED_STRATEGIES:
+            raise ValueError(f"config.seed_strategy must be one of {SEED_STRATEGIES}, got "
+                             f"{strategy!r}")
+        if strategy == "auto":
+            return "unroll" if self.mesh.devices.flat[0].platform == "cpu" else "vmap"
+        return strategy
+
     def _train_step(self, state, batch, teacher_variables):
         axes = {k: (0 if k == "index" else None) for k in batch}
-        return jax.vmap(self.train_single, in_axes=(0, axes, None))(state, batch,
-                                                                   teacher_variables)
+        if self.num_seeds == 1 or self.seed_strategy() == "vmap":
+            return jax.vmap(self.train_single, in_axes=(0, axes, None))(state, batch,
+                                                                       teacher_variables)
+        outputs = []
+        for s in range(self.num_seeds):
+            seed_state = jax.tree.map(lambda a: a[s], state)
+            seed_batch = {k: (v[s] if axes[k] == 0 else v) for k, v in batch.items()}
+            outputs.append(self.train_single(seed_state, seed_batch, teacher_variables))
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
     @functools.cached_property
     def train_step(self) -> Callable:
