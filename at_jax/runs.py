@@ -46,8 +46,14 @@ class CheckpointError(RuntimeError):
 
 
 def flat_config(config) -> dict[str, Any]:
+    """The config as ``{"a.b.c": value}``, without the options of loss terms that are off
+    (weight 0): they do not change the run's numbers."""
     as_dict = config if isinstance(config, dict) else json.loads(config.to_json())
-    return traverse_util.flatten_dict(as_dict, sep=".")
+    flat = traverse_util.flatten_dict(as_dict, sep=".")
+    off = {k.split(".")[1] for k, v in flat.items()
+           if k.startswith("loss.") and k.endswith(".weight") and v == 0}
+    return {k: v for k, v in flat.items()
+            if not (k.startswith("loss.") and k.split(".")[1] in off and not k.endswith(".weight"))}
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -8,6 +8,9 @@
 
 Students read their teacher from runs/fashion_mnist/wrn-16-2 (override with --config.teacher.workdir);
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: measured numbers for the short schedule are in README.md (make demo); the full 200-epoch recipe is the CIFAR one.
+
+Same recipe as ``cifar10.py``: KD in the reference's 2017 form (``loss.kd.legacy=True``), BN
+scales from U(0, 1).
 """
 
 from configs import default

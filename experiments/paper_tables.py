@@ -21,7 +21,6 @@ The paper reports CIFAR-10 only; other datasets show "–" in its column.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional

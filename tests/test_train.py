@@ -74,6 +74,10 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(idx_dir,
     config = tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5)
     assert train.train_and_evaluate(config, str(workdir), progress=False) == saved
     assert (workdir / "metrics.jsonl").read_text() == metrics
+    # the options of a term that is off do not make another run
+    config.loss.kd.temperature = 2.0
+    config.loss.kd.legacy = not config.loss.kd.legacy
+    assert train.train_and_evaluate(config, str(workdir), progress=False) == saved
     with pytest.raises(ValueError, match=r"different config \(optimizer.lr: 0.05 -> 0.2\)"):
         train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5,
                                              **{"optimizer.lr": 0.2}), str(workdir),
