@@ -132,7 +132,7 @@ def _loop(config, workdir, data, step, teacher_variables, teacher_eval, checkpoi
                                     teacher_model=step.teacher_model,
                                     pairs=step.attention_pairs())
     accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-    session_start = time.time()
+    session_start = start_time  # this attempt's time, data loading and teacher evaluation included
 
     def elapsed() -> float:
         return earlier_time + time.time() - session_start

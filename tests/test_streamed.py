@@ -269,3 +269,16 @@ def test_run_directory_is_refused_for_another_dataset(folder, tmp_path):
     with pytest.raises(ValueError, match="data.image_size: 32 -> 40"):
         train.train_and_evaluate(other, str(tmp_path), progress=False)
     shutil.rmtree(tmp_path / "checkpoints")
+
+
+def test_tfds_caltech_birds_records_carry_their_box_in_pixels():
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=3):
+        train_src, _, _ = sources.open_source("caltech_birds2011", "")
+        record = train_src[0]
+        raw = train_src.source[0]
+    h, w = record["image"].shape[:2]
+    ymin, xmin, ymax, xmax = np.asarray(raw["bbox"], np.float64)
+    np.testing.assert_allclose(record["bbox"], (xmin * w, ymin * h, xmax * w, ymax * h))
+    assert TrainTransform(32)(record, np.random.default_rng(0))["image"].shape == (32, 32, 3)
+    assert EvalTransform(32)(record)["image"].shape == (32, 32, 3)
