@@ -20,15 +20,17 @@ from at_jax.data.augment import normalize
 from at_jax.step import error_counts
 
 
-def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: bool = False,
-                 teacher_model: Optional[nn.Module] = None, pairs: Any = None) -> Callable:
+def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
+                 teacher_model: Optional[nn.Module] = None, pairs: Any = None,
+                 seed_strategy: str = "vmap") -> Callable:
     """``jit((variables, batch, teacher_variables) -> sums)`` in eval mode.
 
     Sums over the batch's unmasked examples: ``errors``, ``top5_errors``, ``count`` and, with a
     ``teacher_model`` and ``pairs`` (see :func:`at_jax.losses.pair_activations`), the attention
     distance to the teacher per pair (``attention/<student><-<teacher>``, see
-    :func:`at_jax.analysis.pair_distances`). With ``seeds``, ``variables`` have a leading seed
-    axis and every sum has one too."""
+    :func:`at_jax.analysis.pair_distances`). With ``seeds`` (their number), ``variables`` have
+    a leading seed axis and every sum has one too; ``seed_strategy`` "vmap" or "unroll" as the
+    train step's (:meth:`at_jax.step.Step.seed_strategy`)."""
     from at_jax.analysis import pair_distances
     from at_jax.models import forward
 
@@ -44,7 +46,16 @@ def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: bool = F
         for name, dist in pair_distances(s_acts, t_acts, pairs).items():
             out[f"attention/{name}"] = jnp.sum(dist * mask)
         return out
-    return jax.jit(jax.vmap(single, in_axes=(0, None, None)) if seeds else single)
+    if not seeds:
+        return jax.jit(single)
+    if seed_strategy == "vmap" or seeds == 1:
+        return jax.jit(jax.vmap(single, in_axes=(0, None, None)))
+
+    def unrolled(variables, batch, teacher_variables):
+        sums = [single(jax.tree.map(lambda a: a[s], variables), batch, teacher_variables)
+                for s in range(seeds)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *sums)
+    return jax.jit(unrolled)
 
 
 def student_variables(state) -> dict:

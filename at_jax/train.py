@@ -128,9 +128,10 @@ def _loop(config, workdir, data, step, teacher_variables, teacher_eval, checkpoi
                   f"{steps_per_epoch})", flush=True)
     batches = train_iter if data.streamed else data.train_batches(start_step)
     writer = MetricsWriter(workdir, start_step, enabled=is_main)
-    eval_fn = evaluate.make_eval_fn(step.model, data.mean, data.std, step.dtype, seeds=True,
-                                    teacher_model=step.teacher_model,
-                                    pairs=step.attention_pairs())
+    eval_fn = evaluate.make_eval_fn(step.model, data.mean, data.std, step.dtype,
+                                    seeds=step.num_seeds, teacher_model=step.teacher_model,
+                                    pairs=step.attention_pairs(),
+                                    seed_strategy=step.seed_strategy())
     accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     session_start = start_time  # this attempt's time, data loading and teacher evaluation included
 

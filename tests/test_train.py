@@ -204,6 +204,18 @@ def test_seed_strategies_unrolled_seeds_equal_single_seed_runs(idx_dir):
     assert not np.allclose(out["unroll"][1]["train/loss"][0], out["unroll"][1]["train/loss"][1])
     assert make_step(tiny_config(idx_dir, num_seeds=2), data, step_lib.data_mesh()
                      ).seed_strategy() == "unroll"  # auto, on CPU
+    # evaluation of every seed: the same numbers either way
+    from at_jax import evaluate
+    st = make_step(tiny_config(idx_dir, num_seeds=2), data, step_lib.data_mesh())
+    state = st.init_state()
+    got = [evaluate.evaluate(evaluate.make_eval_fn(st.model, data.mean, data.std, seeds=2,
+                                                   seed_strategy=strategy),
+                             evaluate.student_variables(state),
+                             evaluate.array_batches(data.test_images, data.test_labels, 64))
+           for strategy in ("vmap", "unroll")]
+    for key in ("error", "top5_error"):
+        assert got[0][key].shape == (2,)
+        np.testing.assert_allclose(got[0][key], got[1][key])
 
 
 def test_two_seeds_train_independently_in_one_program(idx_dir, tmp_path):
