@@ -12,10 +12,19 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test data bench clean
 
+# The tests also read PyTorch-written checkpoints (at_jax.convert): TORCH is the pip requirement
+# for them (here, the CPU wheel on local disk). `make test TORCH=` leaves torch out: those tests
+# are then skipped.
+TORCH ?= torch==2.13.0
+
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.installed
+	$(if $(TORCH),$(PY) -m pip install -q '$(TORCH)')
 	touch $@
 
 # Debian's dataset-fashion-mnist package ships the real Fashion-MNIST IDX files.
@@ -29,8 +38,8 @@ $(FMNIST):
 
 data: $(FMNIST)
 
-test: $(VENV)/.installed $(FMNIST)
-	$(PY) -m pytest -q tests
+test: $(VENV)/.installed $(VENV)/.torch $(FMNIST)
+	AT_JAX_REQUIRE_TORCH=$(if $(TORCH),1,) $(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed $(FMNIST)
 	$(PY) -m experiments.demo --workdir $(WORKDIR) --data_dir $(FMNIST_DIR)

@@ -142,11 +142,17 @@ def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str,
     ``"groups"``: the models' transfer points (WRN ``group*``, NIN ``block*``, ResNet ``layer*``),
     paired in order — the paper's one loss per group for networks of different depth.
     ``"blocks"``: every WRN block, for student and teacher of the same depth.
-    A sequence: names present in both (``["group1", "group2"]``) or explicit pairs.
+    A sequence: names present in both (``["group1", "group2"]``) or explicit pairs; or the same
+    as one comma-separated string (``"layer3,layer4"``, ``"s_name:t_name,..."``), the form that a
+    command-line override can give (``--config.loss.at.pairs=layer3,layer4``).
     """
+    if isinstance(pairs, str) and pairs not in ("groups", "blocks"):
+        if not pairs.strip() or not all(p.strip() for p in pairs.split(",")):
+            raise ValueError(f"pairs must be 'groups', 'blocks' or names such as "
+                             f"'layer3,layer4', got {pairs!r}")
+        pairs = [tuple(p.strip().split(":", 1)) if ":" in p else p.strip()
+                 for p in pairs.split(",")]
     if isinstance(pairs, str):
-        if pairs not in ("groups", "blocks"):
-            raise ValueError(f"pairs must be 'groups', 'blocks' or a list of names, got {pairs!r}")
         pattern = _TRANSFER_POINT if pairs == "groups" else _WRN_BLOCK
         s_names = _sorted_names(student_acts, pattern)
         t_names = _sorted_names(teacher_acts, pattern)

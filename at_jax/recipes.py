@@ -54,6 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.teacher = ml_collections.ConfigDict({"workdir": "", "seed_index": 0})
 
+    # Fine-tuning. init_from: a run directory (trained, or made by `python -m at_jax.convert`)
+    # whose weights and BN statistics start the student; a classifier for another class count is
+    # replaced by a fresh one. freeze.batch_norm: BN normalises with its running statistics in
+    # training too, which stay unchanged, and its scale/offset are not trained. freeze.modules:
+    # top-level modules not trained; "layer1" also names the group's blocks layer1_0, layer1_1...
+    config.init_from = ""
+    config.freeze = ml_collections.ConfigDict({"batch_norm": False, "modules": ()})
+
     # The objective: {term: {weight, weight_schedule ('constant' | 'lr'), start_epoch, **options}};
     # terms with weight 0 are off, so any composition is one override away:
     # --config.loss.at.weight=1000. start_epoch > 1: the term counts from that epoch on.
@@ -74,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.optimizer = ml_collections.ConfigDict({
         "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
-        "lr_decay_epochs": (60, 120, 160), "lr_decay_factor": 0.2})
+        "lr_decay_epochs": (60, 120, 160), "lr_decay_factor": 0.2,
+        # > 0: lr is given for batches of this size and the run uses lr × batch_size /
+        # lr_batch_size (the ImageNet recipe's "0.1 per 256 images"); 0: lr as given
+        "lr_batch_size": 0})
     config.batch_size = 128               # global batch (all devices and processes)
     config.eval_batch_size = 1000
     config.num_epochs = 200

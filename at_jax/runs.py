@@ -41,6 +41,12 @@ RESUMABLE_KEYS = ("num_epochs", "checkpoint_every_epochs", "checkpoint_every_ste
                   "data.data_dir", "data.source", "data.prefetch")
 
 
+# Keys added after runs were made, at the value that keeps such runs' meaning: a saved config
+# without them is the same run (its hash does not change either).
+NEUTRAL_DEFAULTS = {"init_from": "", "freeze.batch_norm": False, "freeze.modules": [],
+                    "optimizer.lr_batch_size": 0}
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint of the run can be read."""
 
@@ -53,7 +59,12 @@ def flat_config(config) -> dict[str, Any]:
     off = {k.split(".")[1] for k, v in flat.items()
            if k.startswith("loss.") and k.endswith(".weight") and v == 0}
     return {k: v for k, v in flat.items()
-            if not (k.startswith("loss.") and k.split(".")[1] in off and not k.endswith(".weight"))}
+            if not (k.startswith("loss.") and k.split(".")[1] in off and not k.endswith(".weight"))
+            and not (k in NEUTRAL_DEFAULTS and _json(v) == NEUTRAL_DEFAULTS[k])}
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -198,6 +209,43 @@ def _local_target(manager: ocp.CheckpointManager, step: int) -> Any:
                         metadata, is_leaf=lambda m: hasattr(m, "shape"))
 
 
+def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = None,
+                      what: str = "teacher workdir"
+                      ) -> tuple[dict, ml_collections.ConfigDict, str]:
+    """``(variables, config, where)`` of a run: ``{"params", "batch_stats"}`` of seed
+    ``seed_index`` from its newest checkpoint (or ``step``), on this process's first device, and
+    the run's config. ``what`` names the setting that pointed here, for error messages."""
+    config = read_config(workdir)
+    if config is None:
+        raise FileNotFoundError(f"{what} {workdir!r} has no {CONFIG_FILE}: train that run first "
+                                "(python -m at_jax.main --config configs/... --workdir "
+                                f"{workdir}) or convert torchvision weights into it "
+                                "(python -m at_jax.convert)")
+    ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    if not os.path.isdir(ckpt_dir) or _any_step(ckpt_dir) is None:
+        raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers(
+        os.path.isdir(os.path.join(ckpt_dir, str(_any_step(ckpt_dir)), "data"))))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
+        step = steps[-1] if step is None else step
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_local_target(manager, step))))["state"]["train_state"]
+    finally:
+        manager.close()
+    n_seeds = int(np.shape(restored["step"])[0])
+    if not 0 <= seed_index < n_seeds:
+        raise ValueError(f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} "
+                         "seed(s)")
+    pick = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[seed_index]), tree)  # noqa: E731
+    variables = {"params": pick(restored["params"]["student"])}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = pick(restored["batch_stats"])
+    return variables, config, f"{ckpt_dir} (step {step})"
+
+
 def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_index: int = 0,
                        step: Optional[int] = None
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
@@ -205,48 +253,22 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
 
     Architecture from its ``config.json``, variables from its newest checkpoint (or ``step``),
     seed ``seed_index`` of a multi-seed run. The model computes in float32."""
-    config = read_config(workdir)
-    if config is None:
-        raise FileNotFoundError(f"teacher workdir {workdir!r} has no {CONFIG_FILE}: train the "
-                                "teacher first (python -m at_jax.main --config configs/... "
-                                f"--workdir {workdir})")
-    ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {ckpt_dir}")
+    variables, config, where = restore_variables(workdir, seed_index, step)
     from at_jax.data import dataset_num_classes
     trained_classes = dataset_num_classes(config)
     if trained_classes not in (None, num_classes):
         raise ValueError(f"teacher in {workdir!r} was trained on {config.data.name} "
                          f"({trained_classes} classes); this run has {num_classes} classes")
-    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers(
-        os.path.isdir(os.path.join(ckpt_dir, str(_any_step(ckpt_dir)), "data"))))
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"teacher workdir {workdir!r} has no checkpoint in {ckpt_dir}")
-        step = steps[-1] if step is None else step
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_local_target(manager, step))))["state"]["train_state"]
-    finally:
-        manager.close()
     model = step_lib.build_model(config, num_classes)
-    n_seeds = int(np.shape(restored["step"])[0])
-    if not 0 <= seed_index < n_seeds:
-        raise ValueError(f"config.teacher.seed_index={seed_index} but the teacher has {n_seeds} "
-                         "seed(s)")
-    pick = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[seed_index]), tree)  # noqa: E731
-    variables = {"params": pick(restored["params"]["student"])}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = pick(restored["batch_stats"])
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1,) + tuple(image_shape), jnp.float32))
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
     if jax.tree.structure(expected) != jax.tree.structure(got) or any(
             e.shape != g.shape for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got))):
         raise ValueError(
-            f"the checkpoint in {ckpt_dir} (step {step}) does not match the architecture in "
+            f"the checkpoint in {where} does not match the architecture in "
             f"{os.path.join(workdir, CONFIG_FILE)} (model {config.model!r}, {num_classes} "
             f"classes, input {tuple(image_shape)}): was config.json edited, or the checkpoint "
-            "copied from another run?")
+            "copied from another run? (A teacher must have this run's class count.)")
     # The teacher computes in float32 even if the student uses bfloat16.
     return model.clone(dtype=jnp.float32), variables, config

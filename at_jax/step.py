@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from at_jax import gradient, losses
+from at_jax import finetune, gradient, losses
 from at_jax.data import augment as aug
 from at_jax.models import forward, get_model
 
@@ -70,15 +70,26 @@ def compute_dtype(config) -> Any:
 
 def build_model(config, num_classes: int) -> nn.Module:
     overrides = dict(config.get("model_overrides", {}))
+    if config.get("freeze", {}).get("batch_norm", False):
+        overrides["frozen_batch_norm"] = True
     return get_model(config.model, num_classes=num_classes, dtype=compute_dtype(config),
                      **overrides)
+
+
+def base_lr(config) -> float:
+    """``optimizer.lr``, scaled by ``batch_size / optimizer.lr_batch_size`` when that is set."""
+    opt = config.optimizer
+    reference = opt.get("lr_batch_size", 0)
+    if reference < 0:
+        raise ValueError(f"config.optimizer.lr_batch_size must be >= 0, got {reference}")
+    return opt.lr * config.batch_size / reference if reference else opt.lr
 
 
 def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """The reference's step schedule: ``lr × decay_factor`` at each epoch in ``lr_decay_epochs``."""
     opt = config.optimizer
     boundaries = {int(e) * steps_per_epoch: opt.lr_decay_factor for e in opt.lr_decay_epochs}
-    return optax.piecewise_constant_schedule(opt.lr, boundaries)
+    return optax.piecewise_constant_schedule(base_lr(config), boundaries)
 
 
 def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -118,7 +129,8 @@ class Step:
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple,
                  mean, std, steps_per_epoch: int, teacher_model: Optional[nn.Module] = None,
-                 teacher_variables: Any = None, mesh: Optional[Mesh] = None):
+                 teacher_variables: Any = None, mesh: Optional[Mesh] = None,
+                 init_variables: Any = None):
         self.config = config
         self.num_seeds = int(config.num_seeds)
         if self.num_seeds < 1:
@@ -135,10 +147,16 @@ class Step:
         self.image_shape = tuple(image_shape)
         self.steps_per_epoch = steps_per_epoch
         self.schedule = lr_schedule(config, steps_per_epoch)
-        self.tx = build_optimizer(config, steps_per_epoch)
         self.mesh = mesh or data_mesh()
         self.gradient_options = dict(config.get("gradient", {}))
         dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
+        shapes = jax.eval_shape(self.model.init, jax.random.key(0), dummy)
+        self.frozen = finetune.frozen_paths(config, shapes)
+        self.tx = finetune.optimizer(build_optimizer(config, steps_per_epoch), self.frozen)
+        # config.init_from: the variables that start every seed (a replaced classifier aside)
+        self.init_variables = init_variables
+        self.replaced = set() if init_variables is None else finetune.plan(
+            shapes, init_variables, config.model, num_classes, config.get("init_from", ""))
         self._student_shapes = jax.eval_shape(lambda: forward(self.model, self.model.init(
             jax.random.key(0), dummy), dummy)[1])
         self._teacher_shapes = {} if teacher_model is None else jax.eval_shape(
@@ -162,10 +180,12 @@ class Step:
 
     # ------------------------------------------------------------------ state
 
-    def init_single(self, key: jax.Array) -> TrainState:
+    def init_single(self, key: jax.Array, pretrained: Any = None) -> TrainState:
         model_key, terms_key, rng = jax.random.split(make_key(key), 3)
         dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
         variables = self.model.init(model_key, dummy)
+        if pretrained is not None:
+            variables = finetune.merge(variables, pretrained, self.replaced)
         acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._student_shapes)
         terms = {name: module.init(jax.random.fold_in(terms_key, i), acts).get("params", {})
                  for i, (name, module) in enumerate(sorted(self.term_modules.items()))}
@@ -183,12 +203,16 @@ class Step:
         """Train state with a leading seed axis, replicated over the mesh (initialised per seed
         as the step computes them: see :meth:`seed_strategy`)."""
         if self.num_seeds > 1 and self.seed_strategy() == "unroll":
-            def init(keys):
-                states = [self.init_single(keys[s]) for s in range(self.num_seeds)]
+            def init(keys, pretrained):
+                states = [self.init_single(keys[s], pretrained) for s in range(self.num_seeds)]
                 return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         else:
-            init = jax.vmap(self.init_single)
-        return jax.jit(init, out_shardings=self.replicated)(self.seed_keys())
+            init = jax.vmap(self.init_single, in_axes=(0, None))
+        pretrained = self.init_variables
+        if pretrained is not None:
+            # host copies first: a global (multi-process) array is built from the same values
+            pretrained = jax.device_put(jax.device_get(pretrained), self.replicated)
+        return jax.jit(init, out_shardings=self.replicated)(self.seed_keys(), pretrained)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -224,7 +248,7 @@ class Step:
             images=images, labels=labels, student_logits=s_logits, student_acts=s_acts,
             teacher_logits=t_logits, teacher_acts=t_acts,
             term_modules=self._bound_term_modules(params),
-            weight_scale=self.schedule(step) / self.config.optimizer.lr,
+            weight_scale=self.schedule(step) / base_lr(self.config),
             epoch=step // self.steps_per_epoch + 1,
             lazy=gradient.input_gradient_quantities(
                 student_fn, params, batch_stats, teacher_fn, images, labels,

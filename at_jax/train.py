@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax import serialization
 
-from at_jax import evaluate, runs, step as step_lib
+from at_jax import evaluate, finetune, runs, step as step_lib
 from at_jax.data import open_data
 from at_jax.metrics import (RESULTS_FILE, MetricsWriter, epoch_row, window_row,
                             write_json_atomic)
@@ -89,8 +89,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         say(f"teacher {teacher_cfg.model} ({config.teacher.workdir}): test error "
             f"{teacher_eval['error']:.2f}% (top-5 {teacher_eval['top5_error']:.2f}%)")
 
+    init_variables = None
+    if config.init_from:
+        init_variables, _ = finetune.load(config.init_from)
     step = step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std,
-                         data.steps_per_epoch, teacher_model, teacher_variables, mesh)
+                         data.steps_per_epoch, teacher_model, teacher_variables, mesh,
+                         init_variables)
+    if config.init_from or step.frozen:
+        shapes = jax.eval_shape(step.model.init, jax.random.key(0),
+                                jnp.zeros((1,) + tuple(data.image_shape), step.dtype))
+    if config.init_from:
+        replaced = finetune.describe(step.replaced, shapes, init_variables)
+        say(f"starting from {config.init_from}" + (f" (new classifier: {replaced})"
+                                                   if replaced else ""))
+    if step.frozen:
+        trained, frozen = finetune.trainable_count(step.frozen, shapes["params"])
+        say(f"frozen: {frozen:,} parameters ({', '.join(config.freeze.modules) or 'no module'}"
+            f"{' + batch norm' if config.freeze.batch_norm else ''}); trained: {trained:,}")
     if is_main:
         write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))
     checkpoints = runs.Checkpoints(workdir, config.keep_checkpoints, data.streamed)

@@ -233,7 +233,7 @@ def test_two_seeds_train_independently_in_one_program(idx_dir, tmp_path):
 def test_missing_teacher_is_explained(idx_dir, tmp_path):
     config = tiny_config(idx_dir, "at")
     config.teacher.workdir = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+    with pytest.raises(FileNotFoundError, match="has no config.json: train that run first"):
         train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
     config.teacher.workdir = ""
     with pytest.raises(ValueError, match="no teacher is set"):

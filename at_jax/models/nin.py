@@ -14,7 +14,8 @@ paper's variants:
                         thin student without BN drops it ("which leads to better performance
                         without batch normalization"), and so does its second teacher for
                         activation-based AT;
-  ``dropout_rate``      the dropout after the two poolings (0.5 in nin.lua; 0 turns it off).
+  ``dropout_rate``      the dropout after the two poolings (0.5 in nin.lua; 0 turns it off);
+  ``frozen_batch_norm`` BN uses its running statistics in train mode too (fine-tuning).
 
 Widths: ``nin-wide`` (192, 160, 96, 192, 192, 192, 192, 192): 966,986 parameters without BN,
 969,822 with (10 classes) — the paper's "wide NIN, 1M"; ``nin-thin`` halves every width: 246,186
@@ -56,6 +57,7 @@ class NIN(nn.Module):
     dropout_rate: float = 0.5
     bn_scale_init: str = "ones"
     dtype: Any = jnp.float32
+    frozen_batch_norm: bool = False  # train mode still normalises with the running statistics
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -70,7 +72,8 @@ class NIN(nn.Module):
                 x = nn.Conv(features[3 * b + j], (kernel, kernel), padding=((pad, pad), (pad, pad)),
                             kernel_init=weight_init, name=f"block{b}_conv{j}", dtype=self.dtype)(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                    bn_train = train and not self.frozen_batch_norm
+                    x = nn.BatchNorm(use_running_average=not bn_train, momentum=BN_MOMENTUM,
                                      epsilon=BN_EPSILON, scale_init=bn_scale_initializer(
                                          self.bn_scale_init), name=f"block{b}_bn{j}",
                                      dtype=self.dtype)(x)

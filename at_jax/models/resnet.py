@@ -5,6 +5,9 @@ Every torchvision parameter has exactly one counterpart here: ``conv1``, ``bn1``
 ``downsample_0`` (1×1 conv) and ``downsample_1`` (BN), then ``fc``. :func:`from_torchvision`
 converts a torchvision ``state_dict`` (as NumPy arrays) into Flax variables.
 
+``frozen_batch_norm=True`` (fine-tuning): batch norm uses its running statistics in train mode
+too, and leaves them unchanged.
+
 Sown activations: ``layer1`` … ``layer4`` (outputs of each group of blocks, after the final ReLU),
 as used by the paper's ImageNet and transfer-learning experiments.
 """
@@ -50,9 +53,11 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     widths: Sequence[int] = STAGE_WIDTHS
     bn_scale_init: str = "ones"
+    frozen_batch_norm: bool = False  # train mode still normalises with the running statistics
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        train = train and not self.frozen_batch_norm  # (only batch norm depends on it)
         x = conv(self.widths[0], 7, 2, padding=3, name="conv1", dtype=self.dtype)(
             x.astype(self.dtype))
         x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))

@@ -63,9 +63,11 @@ class WideResNet(nn.Module):
     num_classes: int = 10
     dtype: Any = jnp.float32
     bn_scale_init: str = "ones"  # "uniform": U(0, 1), as the reference CIFAR code
+    frozen_batch_norm: bool = False  # train mode still normalises with the running statistics
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        train = train and not self.frozen_batch_norm  # (only batch norm depends on it)
         n = blocks_per_group(self.depth)
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"WRN width must be a positive integer, got {self.width!r}")

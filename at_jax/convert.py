@@ -1,0 +1,207 @@
+"""torchvision ResNet weights → an at_jax run directory.
+
+    python -m at_jax.convert --torchvision resnet34-b627a593.pth --model resnet-34 \
+        --workdir runs/torchvision/resnet-34
+
+The run directory (``config.json`` + an Orbax checkpoint, like a trained run's) serves as
+``config.teacher.workdir`` (a teacher, evaluated at the start of every student run) and as
+``config.init_from`` (a starting point for fine-tuning or for a student).
+
+Input: a torchvision ``state_dict`` saved with ``torch.save`` (``.pth``/``.pt``; reading it needs
+PyTorch), or the same arrays in a NumPy ``.npz`` (no PyTorch needed):
+
+    python -c "import torch, numpy; sd = torch.load('resnet34.pth', map_location='cpu');
+               numpy.savez('resnet34.npz', **{k: v.numpy() for k, v in sd.items()})"
+
+A checkpoint that wraps the state_dict (``{"state_dict": ...}``, ``{"model": ...}``) or whose keys
+carry DataParallel's ``module.`` prefix is accepted. The images it expects are normalised with the
+ImageNet mean/std, as at_jax's streamed pipeline does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+MODELS = ("resnet-18", "resnet-34", "resnet-tiny")
+
+
+class ConversionError(ValueError):
+    """The file cannot be read or does not hold the named model."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConversionError(f"{path} does not hold a state_dict (a mapping of parameter names "
+                              f"to arrays); it holds {type(obj).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A torchvision state_dict from ``.pth``/``.pt`` (needs torch) or ``.npz``, as NumPy arrays."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"no such file: {path}")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return dict(_unwrap({k: np.asarray(npz[k]) for k in npz.files}, path))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"cannot read {path} as .npz: {e}") from None
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"reading {path} (a PyTorch file) needs PyTorch, which is not installed: "
+            "pip install torch, or save the state_dict as .npz where torch is installed "
+            "(see python -m at_jax.convert --help) and convert that") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, ...
+        raise ConversionError(f"cannot read {path} with torch.load: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return {k: v.detach().cpu().numpy() for k, v in _unwrap(obj, path).items()
+            if hasattr(v, "detach")}
+
+
+def _infer_model(state_dict: Mapping[str, Any]) -> str:
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("layer3.")}
+    return {2: "resnet-18", 6: "resnet-34"}.get(len(blocks), f"a ResNet with {len(blocks)} "
+                                                "blocks in layer3")
+
+
+def to_variables(state_dict: Mapping[str, Any], model_name: str,
+                 image_size: int = 224) -> tuple[dict, int]:
+    """``(variables, num_classes)``: converted, and checked against ``model_name``'s layout."""
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from at_jax.models import from_torchvision, get_model
+    if model_name not in MODELS:
+        raise ConversionError(f"--model must be one of {', '.join(MODELS)}, got {model_name!r}")
+    if "fc.weight" not in state_dict:
+        raise ConversionError("the state_dict has no fc.weight: it is not a torchvision ResNet "
+                              f"(keys: {sorted(state_dict)[:5]} ...)")
+    num_classes = int(np.shape(state_dict["fc.weight"])[0])
+    try:
+        variables = from_torchvision(state_dict)
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"not a torchvision ResNet state_dict: {e}") from None
+    model = get_model(model_name, num_classes=num_classes)
+    expected = jax.eval_shape(model.init, jax.random.key(0),
+                              jnp.zeros((1, image_size, image_size, 3)))
+    want = {p: v.shape for p, v in traverse_util.flatten_dict(expected).items()}
+    got = {p: v.shape for p, v in traverse_util.flatten_dict(variables).items()}
+    if want != got:
+        missing = sorted("/".join(p) for p in set(want) - set(got))
+        extra = sorted("/".join(p) for p in set(got) - set(want))
+        shapes = sorted(f"{'/'.join(p)} {got[p]} (expected {want[p]})"
+                        for p in set(want) & set(got) if want[p] != got[p])
+        differ = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names
+                           in (("missing", missing), ("unexpected", extra), ("shapes", shapes))
+                           if names)
+        raise ConversionError(
+            f"the weights are not a {model_name} (they look like {_infer_model(state_dict)}): "
+            f"{differ}. Pass the matching --model.")
+    return variables, num_classes
+
+
+def write_run(workdir: str, variables: dict, model_name: str, num_classes: int,
+              dataset: str, image_size: int, source: dict) -> None:
+    """Write ``workdir`` as a run directory: config.json and a step-0 checkpoint (one seed)."""
+    import jax.numpy as jnp
+
+    from at_jax import recipes, runs
+    from at_jax.data import dataset_num_classes
+    from at_jax.metrics import write_json_atomic
+    if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)) or os.path.isdir(
+            os.path.join(workdir, runs.CHECKPOINT_DIR)):
+        raise ConversionError(f"{workdir!r} already holds a run; choose a new --workdir or delete "
+                              "it first")
+    config = recipes.base_config()
+    config.model = model_name
+    config.data.name = dataset
+    config.data.image_size = image_size
+    config.num_epochs = 0
+    known = dataset_num_classes(config)
+    if known not in (None, num_classes):
+        raise ConversionError(f"--dataset {dataset} has {known} classes but the weights have "
+                              f"{num_classes}; pass --dataset imagefolder (or the one they "
+                              "were trained on)")
+    os.makedirs(workdir, exist_ok=True)
+    state = {"step": jnp.zeros((1,), jnp.int32),
+             "params": {"student": jax.tree.map(lambda a: jnp.asarray(a)[None],
+                                                variables["params"])},
+             "batch_stats": jax.tree.map(lambda a: jnp.asarray(a)[None],
+                                         variables["batch_stats"])}
+    checkpoints = runs.Checkpoints(workdir, keep=1, streamed=False)
+    try:
+        checkpoints.save(0, {"train_state": state}, {"converted_from": source})
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    saved = json.loads(config.to_json())
+    saved["converted_from"] = source
+    write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), saved)
+
+
+def convert(path: str, model_name: str, workdir: str, dataset: str = "imagenet2012",
+            image_size: int = 224) -> dict:
+    """Convert ``path`` (torchvision state_dict, ``.pth`` or ``.npz``) into the run ``workdir``;
+    returns a summary."""
+    state_dict = read_state_dict(path)
+    variables, num_classes = to_variables(state_dict, model_name, image_size)
+    source = {"path": os.path.abspath(path), "sha256": _sha256(path), "format": "torchvision"}
+    write_run(workdir, variables, model_name, num_classes, dataset, image_size, source)
+    n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
+    return {"workdir": workdir, "model": model_name, "num_classes": num_classes,
+            "parameters": n_params, **source}
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python -m at_jax.convert", description=__doc__.split("\n\n")[0],
+        epilog="Save a .pth as .npz where torch is installed:  python -c \"import torch, numpy; "
+               "sd = torch.load('IN.pth', map_location='cpu'); numpy.savez('OUT.npz', "
+               "**{k: v.numpy() for k, v in sd.items()})\"")
+    parser.add_argument("--torchvision", required=True, metavar="PATH",
+                        help="torchvision ResNet state_dict: .pth/.pt (needs torch) or .npz")
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--workdir", required=True, help="the run directory to create")
+    parser.add_argument("--dataset", default="imagenet2012",
+                        help="what the weights were trained on, recorded in config.json "
+                             "(default imagenet2012: 1000 classes; 'imagefolder' for others)")
+    parser.add_argument("--image_size", type=int, default=224)
+    args = parser.parse_args(argv)
+    try:
+        summary = convert(args.torchvision, args.model, args.workdir, args.dataset,
+                          args.image_size)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary['model']} ({summary['parameters']:,} parameters, {summary['num_classes']} "
+          f"classes) from {args.torchvision} -> {args.workdir}\n"
+          f"use it as --config.teacher.workdir={args.workdir} or "
+          f"--config.init_from={args.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

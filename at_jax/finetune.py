@@ -1,0 +1,132 @@
+"""Fine-tuning: a student that starts from another run's weights, with parts of it frozen.
+
+* ``config.init_from``: a run directory — a trained at_jax run, or one made from torchvision
+  weights by ``python -m at_jax.convert`` — whose parameters and BN statistics start the student.
+  The architectures must agree, except the classifier (the model's last module), which is
+  replaced by a freshly initialised one when the class count differs (ImageNet → CUB).
+* ``config.freeze.modules``: top-level modules whose parameters are not trained; a group's name
+  also covers its blocks (``layer1`` freezes ``layer1_0``, ``layer1_1``, ...).
+* ``config.freeze.batch_norm``: batch norm normalises with its running statistics in training
+  too (the model's ``frozen_batch_norm``), the statistics stay as they were, and its
+  scale/offset are not trained.
+
+Frozen parameters get no update at all (no gradient step, no weight decay, no momentum):
+:func:`optimizer` routes them to ``optax.set_to_zero`` with ``optax.multi_transform``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+FROZEN, TRAINED = "frozen", "trained"
+
+
+def _in_modules(name: str, modules) -> bool:
+    return any(name == m or re.fullmatch(rf"{re.escape(m)}_\d+", name) for m in modules)
+
+
+def check_modules(modules, params: dict, model_name: str) -> None:
+    """Every name in ``config.freeze.modules`` must name a top-level module of the model."""
+    unknown = [m for m in modules if not any(_in_modules(name, [m]) for name in params)]
+    if unknown:
+        groups = sorted({re.sub(r"_\d+$", "", name) for name in params} - set(params))
+        raise ValueError(f"config.freeze.modules names {unknown}, which {model_name!r} does not "
+                         f"have; its top-level modules are {list(params)}"
+                         + (f" and its groups {groups} (a group's name covers its blocks)"
+                            if groups else ""))
+
+
+def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
+    """Paths (within the student's ``params``) of the parameters that are not trained."""
+    freeze = config.get("freeze", {})
+    modules = tuple(freeze.get("modules", ()))
+    params = variables["params"]
+    check_modules(modules, params, config.model)
+    bn_modules = {path[:-1] for path in traverse_util.flatten_dict(
+        dict(variables.get("batch_stats", {})))} if freeze.get("batch_norm", False) else set()
+    return {path for path in traverse_util.flatten_dict(dict(params))
+            if _in_modules(path[0], modules) or path[:-1] in bn_modules}
+
+
+def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTransformation:
+    """``tx`` for the trained parameters, nothing for the ``frozen`` student paths. The train
+    state's params are ``{"student": ..., "terms": ...}``; the terms' parameters are trained."""
+    if not frozen:
+        return tx
+
+    def labels(params):
+        def label(path, _):
+            keys = tuple(str(k.key) for k in path)
+            return FROZEN if keys[0] == "student" and keys[1:] in frozen else TRAINED
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- init_from
+
+def plan(fresh: dict, pretrained: dict, model_name: str, num_classes: int,
+         source: str) -> set[tuple[str, ...]]:
+    """Check that ``pretrained`` variables fit the model whose initial variables are ``fresh``
+    (both may be shapes only); return the paths that keep their fresh values (a replaced
+    classifier). Raises with what differs."""
+    new = traverse_util.flatten_dict(dict(fresh))
+    old = traverse_util.flatten_dict(dict(pretrained))
+    missing = sorted("/".join(p) for p in set(new) - set(old))
+    extra = sorted("/".join(p) for p in set(old) - set(new))
+    if missing or extra:
+        raise ValueError(
+            f"config.init_from={source!r} holds another architecture than {model_name!r}: "
+            + (f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}" if extra else "")
+            + ". Set config.model to the model of that run (see its config.json).")
+    replaced = {p for p in new if new[p].shape != old[p].shape}
+    # the classifier's leaves differ in their last axis only: this run's classes vs the source's
+    wrong = sorted(f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
+                   for p in replaced if new[p].shape[:-1] != old[p].shape[:-1]
+                   or new[p].shape[-1] != num_classes)
+    if wrong:
+        raise ValueError(
+            f"config.init_from={source!r}: shapes differ outside the classifier at "
+            f"{wrong[:3]}: that run's model has other widths or input channels than "
+            f"{model_name!r} with this config.model_overrides.")
+    return replaced
+
+
+def merge(fresh: dict, pretrained: dict, replaced: set) -> dict:
+    """``pretrained`` with the ``replaced`` paths taken from ``fresh`` (works under jit)."""
+    new = traverse_util.flatten_dict(dict(fresh))
+    old = traverse_util.flatten_dict(dict(pretrained))
+    return traverse_util.unflatten_dict({
+        p: new[p] if p in replaced else old[p].astype(new[p].dtype) for p in new})
+
+
+def describe(replaced: set, fresh: dict, pretrained: dict) -> str:
+    new = traverse_util.flatten_dict(dict(fresh))
+    old = traverse_util.flatten_dict(dict(pretrained))
+    return ", ".join(f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
+                     for p in sorted(replaced))
+
+
+def load(workdir: str, seed_index: int = 0) -> tuple[dict, Any]:
+    """The variables (host arrays) of ``workdir``'s newest checkpoint, and its config."""
+    from at_jax import runs
+    variables, config, _ = runs.restore_variables(workdir, seed_index, what="config.init_from")
+    return jax.device_get(variables), config
+
+
+def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
+    """(trained, frozen) parameter counts of the student."""
+    flat = traverse_util.flatten_dict(dict(params))
+    n_frozen = sum(int(v.size) for p, v in flat.items() if p in frozen)
+    return sum(int(v.size) for v in flat.values()) - n_frozen, n_frozen
+
+
+__all__ = ["check_modules", "frozen_paths", "optimizer", "plan", "merge", "describe", "load",
+           "trainable_count"]
