@@ -263,12 +263,20 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1,) + tuple(image_shape), jnp.float32))
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-    if jax.tree.structure(expected) != jax.tree.structure(got) or any(
-            e.shape != g.shape for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got))):
+    same_structure = jax.tree.structure(expected) == jax.tree.structure(got)
+    differ = [(e.shape, g.shape) for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got))
+              if e.shape != g.shape] if same_structure else []
+    classes = {g[-1] for e, g in differ if e[:-1] == g[:-1] and e[-1] == num_classes}
+    if differ and len(classes) == 1 and all(e[:-1] == g[:-1] for e, g in differ):
+        raise ValueError(f"the run in {workdir!r} classifies {classes.pop()} classes; this run "
+                         f"has {num_classes}. A teacher must know this run's classes: fine-tune "
+                         "it on this data first (config.init_from, e.g. configs/transfer.py:"
+                         "teacher,DATASET)")
+    if not same_structure or differ:
         raise ValueError(
             f"the checkpoint in {where} does not match the architecture in "
             f"{os.path.join(workdir, CONFIG_FILE)} (model {config.model!r}, {num_classes} "
             f"classes, input {tuple(image_shape)}): was config.json edited, or the checkpoint "
-            "copied from another run? (A teacher must have this run's class count.)")
+            "copied from another run?")
     # The teacher computes in float32 even if the student uses bfloat16.
     return model.clone(dtype=jnp.float32), variables, config
