@@ -64,15 +64,10 @@ def get_config(method: str = "student"):
     config.log_every_steps = 500
     config.checkpoint_every_steps = 2000
     config.keep_checkpoints = 2
-    if method == "at":
-        config.loss.at.weight = recipes.BETA
-        config.loss.at.p = 2.0
-        config.loss.at.reduce = "sum"
+    if method == "at":  # F_sum², β = 1e3, on the last two groups (the paper)
+        recipes.apply_method(config, "at_fsum2", TEACHER_WORKDIR)
         config.loss.at.pairs = "layer3,layer4"
         config.loss.at.start_epoch = 61
     elif method == "kd":
-        config.loss.ce.weight = 0.0
-        config.loss.kd.weight = 1.0
-    if method in ("at", "kd"):
-        config.teacher.workdir = TEACHER_WORKDIR
+        recipes.apply_method(config, "kd", TEACHER_WORKDIR)
     return config

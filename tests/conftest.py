@@ -154,18 +154,24 @@ def make_scenes(root, classes=("airport_inside", "bakery", "kitchen"), per_class
     return root
 
 
-def streamed_config(data_dir, name="imagefolder", method="student", **overrides):
-    """A fast streamed config: resnet-tiny on 32×32 crops of a generated image tree."""
-    from at_jax import recipes
-    config = recipes.base_config()
-    recipes.apply_method(config, method, "")
-    config.model = "resnet-tiny"
+def shrink(config, data_dir, name, model="resnet-tiny"):
+    """Point a streamed config at generated data: 32×32 crops, a tiny model, batches of 8."""
+    config.model = model
     config.data.name = name
     config.data.data_dir = str(data_dir)
     config.data.image_size = 32
     config.data.num_workers = 0
     config.batch_size = 8
     config.eval_batch_size = 8
+    return config
+
+
+def streamed_config(data_dir, name="imagefolder", method="student", **overrides):
+    """A fast streamed config: resnet-tiny on 32×32 crops of a generated image tree."""
+    from at_jax import recipes
+    config = recipes.base_config()
+    recipes.apply_method(config, method, "")
+    shrink(config, data_dir, name)
     config.num_epochs = 2
     config.optimizer.lr = 0.05
     config.optimizer.weight_decay = 1e-4

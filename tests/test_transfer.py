@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import make_cub, make_image_folder, make_scenes
+from conftest import make_cub, make_image_folder, make_scenes, shrink
 
 if os.environ.get("AT_JAX_REQUIRE_TORCH"):
     import torch
@@ -116,14 +116,8 @@ def test_converted_run_is_a_teacher_with_torchs_test_error(converted, folder, tm
 
 
 def small(config, data_dir, name, teacher="", init_from="", model="resnet-tiny"):
-    """Shrink a Table 4/5 config to generated data: 32×32 crops of a tiny ResNet."""
-    config.model = model
-    config.data.name = name
-    config.data.data_dir = str(data_dir)
-    config.data.image_size = 32
-    config.data.num_workers = 0
-    config.batch_size = 8
-    config.eval_batch_size = 8
+    """Shrink a Table 4/5 config to generated data: 32×32 crops of a tiny ResNet, 1 epoch."""
+    shrink(config, data_dir, name, model)
     config.num_epochs = 1
     config.log_every_steps = 0
     config.checkpoint_every_steps = 0
