@@ -32,6 +32,8 @@ train_test_split.txt, bounding_boxes.txt, ...): training crops the bird's boundi
 the short side to 256 and takes a random 224 crop (+ flip), evaluation the centre of the box's
 short-side-256 resize. Scenes (MIT Indoor-67) — the folder with Images/<class>/ and the official
 TrainImages.txt / TestImages.txt. Or ``--config.data.name=caltech_birds2011`` for TFDS's copy.
+Devices: one GPU is plenty (the batch is split over every local accelerator; ``--distributed``
+for several hosts, see README); ``--config.dtype=bfloat16`` computes in bfloat16.
 
 As the paper: batch norm frozen (running statistics used and kept, scale/offset not trained) and
 the first group of residual blocks frozen. Chosen here, where the paper gives no value (each is a
