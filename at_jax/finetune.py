@@ -2,8 +2,9 @@
 
 * ``config.init_from``: a run directory — a trained at_jax run, or one made from torchvision
   weights by ``python -m at_jax.convert`` — whose parameters and BN statistics start the student.
-  The architectures must agree, except the classifier (the model's last module), which is
-  replaced by a freshly initialised one when the class count differs (ImageNet → CUB).
+  The architectures must agree, except the classifier (the leaves that differ only in their
+  class axis), which is replaced by a freshly initialised one when the class count differs
+  (ImageNet → CUB).
 * ``config.freeze.modules``: top-level modules whose parameters are not trained; a group's name
   also covers its blocks (``layer1`` freezes ``layer1_0``, ``layer1_1``, ...).
 * ``config.freeze.batch_norm``: batch norm normalises with its running statistics in training
@@ -30,6 +31,14 @@ def _in_modules(name: str, modules) -> bool:
     return any(name == m or re.fullmatch(rf"{re.escape(m)}_\d+", name) for m in modules)
 
 
+def module_names(value) -> tuple[str, ...]:
+    """``config.freeze.modules`` as names: a tuple, or comma-separated names in a string or in
+    the tuple's entries (``--config.freeze.modules=conv1,bn1,layer1`` gives one such entry)."""
+    entries = (value,) if isinstance(value, str) else tuple(value)
+    return tuple(name.strip() for entry in entries for name in str(entry).split(",")
+                 if name.strip())
+
+
 def check_modules(modules, params: dict, model_name: str) -> None:
     """Every name in ``config.freeze.modules`` must name a top-level module of the model."""
     unknown = [m for m in modules if not any(_in_modules(name, [m]) for name in params)]
@@ -44,7 +53,7 @@ def check_modules(modules, params: dict, model_name: str) -> None:
 def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
     """Paths (within the student's ``params``) of the parameters that are not trained."""
     freeze = config.get("freeze", {})
-    modules = tuple(freeze.get("modules", ()))
+    modules = module_names(freeze.get("modules", ()))
     params = variables["params"]
     check_modules(modules, params, config.model)
     bn_modules = {path[:-1] for path in traverse_util.flatten_dict(

@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                    if replaced else ""))
     if step.frozen:
         trained, frozen = finetune.trainable_count(step.frozen, shapes["params"])
-        say(f"frozen: {frozen:,} parameters ({', '.join(config.freeze.modules) or 'no module'}"
+        say(f"frozen: {frozen:,} parameters ({', '.join(finetune.module_names(config.freeze.modules)) or 'no module'}"
             f"{' + batch norm' if config.freeze.batch_norm else ''}); trained: {trained:,}")
     if is_main:
         write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))

@@ -20,7 +20,7 @@ if os.environ.get("AT_JAX_REQUIRE_TORCH"):
 else:
     torch = pytest.importorskip("torch")
 
-from at_jax import convert, runs, step as step_lib, train  # noqa: E402
+from at_jax import convert, finetune, runs, step as step_lib, train  # noqa: E402
 from at_jax.data import open_data  # noqa: E402
 from at_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from at_jax.models import forward  # noqa: E402
@@ -166,6 +166,8 @@ def test_freeze_and_init_from_errors_name_the_choices(converted, folder, tmp_pat
     config.freeze.modules = ("layer9",)
     with pytest.raises(ValueError, match=r"freeze.modules names \['layer9'\].*'layer1', 'layer2'"):
         train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
+    assert finetune.module_names(("conv1,bn1", "layer1")) == finetune.module_names(
+        "conv1, bn1,layer1") == ("conv1", "bn1", "layer1")  # as command-line overrides give them
     config.freeze.modules = ()
     config.model = "resnet-18"
     with pytest.raises(ValueError, match="init_from=.*another architecture than 'resnet-18'"):
