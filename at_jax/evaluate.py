@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from at_jax.data.augment import normalize
-from at_jax.step import error_counts
+from at_jax.step import error_counts, map_seeds
 
 
 def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
@@ -48,14 +48,7 @@ def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
         return out
     if not seeds:
         return jax.jit(single)
-    if seed_strategy == "vmap" or seeds == 1:
-        return jax.jit(jax.vmap(single, in_axes=(0, None, None)))
-
-    def unrolled(variables, batch, teacher_variables):
-        sums = [single(jax.tree.map(lambda a: a[s], variables), batch, teacher_variables)
-                for s in range(seeds)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *sums)
-    return jax.jit(unrolled)
+    return jax.jit(map_seeds(single, seeds, seed_strategy, (0, None, None)))
 
 
 def student_variables(state) -> dict:

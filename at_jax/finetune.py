@@ -18,8 +18,6 @@ Frozen parameters get no update at all (no gradient step, no weight decay, no mo
 from __future__ import annotations
 
 import re
-from typing import Any
-
 import jax
 import optax
 from flax import traverse_util
@@ -82,8 +80,9 @@ def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTr
 def plan(fresh: dict, pretrained: dict, model_name: str, num_classes: int,
          source: str) -> set[tuple[str, ...]]:
     """Check that ``pretrained`` variables fit the model whose initial variables are ``fresh``
-    (both may be shapes only); return the paths that keep their fresh values (a replaced
-    classifier). Raises with what differs."""
+    (both may be shapes only); return the paths that keep their fresh values (a classifier for
+    another class count: leaves that differ in their last axis only, ``num_classes`` there).
+    Raises with what differs."""
     new = traverse_util.flatten_dict(dict(fresh))
     old = traverse_util.flatten_dict(dict(pretrained))
     missing = sorted("/".join(p) for p in set(new) - set(old))
@@ -123,11 +122,11 @@ def describe(replaced: set, fresh: dict, pretrained: dict) -> str:
                      for p in sorted(replaced))
 
 
-def load(workdir: str, seed_index: int = 0) -> tuple[dict, Any]:
-    """The variables (host arrays) of ``workdir``'s newest checkpoint, and its config."""
+def load(workdir: str, seed_index: int = 0) -> dict:
+    """The variables (host arrays) of ``workdir``'s newest checkpoint."""
     from at_jax import runs
-    variables, config, _ = runs.restore_variables(workdir, seed_index, what="config.init_from")
-    return jax.device_get(variables), config
+    variables, _, _ = runs.restore_variables(workdir, seed_index, what="config.init_from")
+    return jax.device_get(variables)
 
 
 def trainable_count(frozen: set, params: dict) -> tuple[int, int]:

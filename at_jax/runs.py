@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from at_jax import step as step_lib
+from at_jax import finetune, step as step_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -262,21 +262,19 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
     model = step_lib.build_model(config, num_classes)
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1,) + tuple(image_shape), jnp.float32))
-    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-    same_structure = jax.tree.structure(expected) == jax.tree.structure(got)
-    differ = [(e.shape, g.shape) for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got))
-              if e.shape != g.shape] if same_structure else []
-    classes = {g[-1] for e, g in differ if e[:-1] == g[:-1] and e[-1] == num_classes}
-    if differ and len(classes) == 1 and all(e[:-1] == g[:-1] for e, g in differ):
-        raise ValueError(f"the run in {workdir!r} classifies {classes.pop()} classes; this run "
-                         f"has {num_classes}. A teacher must know this run's classes: fine-tune "
-                         "it on this data first (config.init_from, e.g. configs/transfer.py:"
-                         "teacher,DATASET)")
-    if not same_structure or differ:
+    try:  # the same check as a fine-tuning start, where only the classifier may differ
+        replaced = finetune.plan(expected, variables, config.model, num_classes, workdir)
+    except ValueError:
         raise ValueError(
             f"the checkpoint in {where} does not match the architecture in "
             f"{os.path.join(workdir, CONFIG_FILE)} (model {config.model!r}, {num_classes} "
             f"classes, input {tuple(image_shape)}): was config.json edited, or the checkpoint "
-            "copied from another run?")
+            "copied from another run?") from None
+    if replaced:
+        trained = traverse_util.flatten_dict(variables)[min(replaced)].shape[-1]
+        raise ValueError(f"the run in {workdir!r} classifies {trained} classes; this run has "
+                         f"{num_classes}. A teacher must know this run's classes: fine-tune it "
+                         "on this data first (config.init_from, e.g. configs/transfer.py:"
+                         "teacher,DATASET)")
     # The teacher computes in float32 even if the student uses bfloat16.
     return model.clone(dtype=jnp.float32), variables, config

@@ -115,6 +115,25 @@ def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array]
             "count": jnp.sum(mask)}
 
 
+def map_seeds(fn: Callable, num_seeds: int, strategy: str, in_axes: tuple) -> Callable:
+    """``fn`` over a leading seed axis: ``jax.vmap(fn, in_axes)``, or with ``strategy``
+    "unroll" (and more than one seed) one call per seed in the same program, stacked.
+    ``in_axes`` has one entry per argument: 0 (seed axis), None (shared) or a dict of those."""
+    if strategy == "vmap" or num_seeds == 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def take(arg, axis, s):
+        if isinstance(axis, dict):
+            return {k: take(v, axis[k], s) for k, v in arg.items()}
+        return arg if axis is None else jax.tree.map(lambda a: a[s], arg)
+
+    def unrolled(*args):
+        outputs = [fn(*(take(a, ax, s) for a, ax in zip(args, in_axes)))
+                   for s in range(num_seeds)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    return unrolled
+
+
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh with a ``data`` axis over ``devices`` (default: every device of every process)."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
@@ -150,15 +169,16 @@ class Step:
         self.mesh = mesh or data_mesh()
         self.gradient_options = dict(config.get("gradient", {}))
         dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
-        shapes = jax.eval_shape(self.model.init, jax.random.key(0), dummy)
+        # the student's variables as shapes ({"params", "batch_stats"})
+        self.variable_shapes = shapes = jax.eval_shape(self.model.init, jax.random.key(0), dummy)
         self.frozen = finetune.frozen_paths(config, shapes)
         self.tx = finetune.optimizer(build_optimizer(config, steps_per_epoch), self.frozen)
         # config.init_from: the variables that start every seed (a replaced classifier aside)
         self.init_variables = init_variables
         self.replaced = set() if init_variables is None else finetune.plan(
             shapes, init_variables, config.model, num_classes, config.get("init_from", ""))
-        self._student_shapes = jax.eval_shape(lambda: forward(self.model, self.model.init(
-            jax.random.key(0), dummy), dummy)[1])
+        self._student_shapes = jax.eval_shape(lambda v: forward(self.model, v, dummy)[1],
+                                              shapes)
         self._teacher_shapes = {} if teacher_model is None else jax.eval_shape(
             lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
         self.term_modules = losses.term_modules(self.loss_spec, self._student_shapes,
@@ -202,12 +222,7 @@ class Step:
     def init_state(self) -> TrainState:
         """Train state with a leading seed axis, replicated over the mesh (initialised per seed
         as the step computes them: see :meth:`seed_strategy`)."""
-        if self.num_seeds > 1 and self.seed_strategy() == "unroll":
-            def init(keys, pretrained):
-                states = [self.init_single(keys[s], pretrained) for s in range(self.num_seeds)]
-                return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        else:
-            init = jax.vmap(self.init_single, in_axes=(0, None))
+        init = map_seeds(self.init_single, self.num_seeds, self.seed_strategy(), (0, None))
         pretrained = self.init_variables
         if pretrained is not None:
             # host copies first: a global (multi-process) array is built from the same values
@@ -311,15 +326,8 @@ class Step:
 
     def _train_step(self, state, batch, teacher_variables):
         axes = {k: (0 if k == "index" else None) for k in batch}
-        if self.num_seeds == 1 or self.seed_strategy() == "vmap":
-            return jax.vmap(self.train_single, in_axes=(0, axes, None))(state, batch,
-                                                                       teacher_variables)
-        outputs = []
-        for s in range(self.num_seeds):
-            seed_state = jax.tree.map(lambda a: a[s], state)
-            seed_batch = {k: (v[s] if axes[k] == 0 else v) for k, v in batch.items()}
-            outputs.append(self.train_single(seed_state, seed_batch, teacher_variables))
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+        return map_seeds(self.train_single, self.num_seeds, self.seed_strategy(),
+                         (0, axes, None))(state, batch, teacher_variables)
 
     @functools.cached_property
     def train_step(self) -> Callable:

@@ -91,20 +91,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     init_variables = None
     if config.init_from:
-        init_variables, _ = finetune.load(config.init_from)
+        init_variables = finetune.load(config.init_from)
     step = step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std,
                          data.steps_per_epoch, teacher_model, teacher_variables, mesh,
                          init_variables)
-    if config.init_from or step.frozen:
-        shapes = jax.eval_shape(step.model.init, jax.random.key(0),
-                                jnp.zeros((1,) + tuple(data.image_shape), step.dtype))
     if config.init_from:
-        replaced = finetune.describe(step.replaced, shapes, init_variables)
+        replaced = finetune.describe(step.replaced, step.variable_shapes, init_variables)
         say(f"starting from {config.init_from}" + (f" (new classifier: {replaced})"
                                                    if replaced else ""))
     if step.frozen:
-        trained, frozen = finetune.trainable_count(step.frozen, shapes["params"])
-        say(f"frozen: {frozen:,} parameters ({', '.join(finetune.module_names(config.freeze.modules)) or 'no module'}"
+        trained, frozen = finetune.trainable_count(step.frozen, step.variable_shapes["params"])
+        modules = ", ".join(finetune.module_names(config.freeze.modules)) or "no module"
+        say(f"frozen: {frozen:,} parameters ({modules}"
             f"{' + batch norm' if config.freeze.batch_norm else ''}); trained: {trained:,}")
     if is_main:
         write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))

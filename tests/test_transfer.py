@@ -168,6 +168,8 @@ def test_freeze_and_init_from_errors_name_the_choices(converted, folder, tmp_pat
         train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
     assert finetune.module_names(("conv1,bn1", "layer1")) == finetune.module_names(
         "conv1, bn1,layer1") == ("conv1", "bn1", "layer1")  # as command-line overrides give them
+    with pytest.raises(ValueError, match="classifies 3 classes; this run has 5.*fine-tune"):
+        runs.load_run_variables(str(root / "run"), 5, (32, 32, 3))  # as a teacher
     config.freeze.modules = ()
     config.model = "resnet-18"
     with pytest.raises(ValueError, match="init_from=.*another architecture than 'resnet-18'"):
