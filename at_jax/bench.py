@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from at_jax import devices, recipes, step as step_lib
+from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.models import get_model
 from at_jax.data import CIFAR_MEAN, CIFAR_STD
 
@@ -38,6 +39,8 @@ flags.DEFINE_enum("seed_strategy", "auto", ["auto", "vmap", "unroll"],
                   "How the seeds share the program (auto: unroll on CPU, vmap elsewhere).")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("dataset_size", 4096, "Synthetic in-memory training images.")
+flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
+                    "JAX's persistent compilation cache ('' = off; compile_s is then a load).")
 
 
 def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int,
@@ -96,9 +99,12 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
 def main(argv):
     del argv
     devices.use_cpu_cores(FLAGS.batch)
-    print(json.dumps(run(FLAGS.method, FLAGS.student, FLAGS.teacher, FLAGS.batch, FLAGS.steps,
-                         FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size,
-                         FLAGS.seed_strategy)))
+    cache = use_compilation_cache(FLAGS.compilation_cache_dir)
+    result = run(FLAGS.method, FLAGS.student, FLAGS.teacher, FLAGS.batch, FLAGS.steps,
+                 FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size,
+                 FLAGS.seed_strategy)
+    result["compilation_cache"] = cache  # compile_s is a cache load when this one had the step
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

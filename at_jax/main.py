@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from at_jax import devices, runs, train
+from at_jax import compilation_cache, devices, runs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
@@ -73,6 +73,7 @@ def main(argv):
         devices.use_cpu_cores(FLAGS.config.batch_size)  # before any JAX computation
     logging.set_verbosity(logging.WARNING)
     try:
+        compilation_cache.use_compilation_cache(FLAGS.config.compilation_cache_dir)
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, KeyError, FileNotFoundError, ImportError, train.TrainingDiverged,
             runs.CheckpointError) as e:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from at_jax.compilation_cache import default_cache_dir
+
 BETA = 1e3
 
 METHODS = {
@@ -99,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_epochs = 1
     config.checkpoint_every_steps = 0     # > 0: also every N steps (0 = per epoch only)
     config.keep_checkpoints = 3
+    # JAX's persistent compilation cache ("" = off): a second identical run loads its compiled
+    # programs instead of compiling them again. Not part of the run's identity.
+    config.compilation_cache_dir = default_cache_dir()
     return config
 
 

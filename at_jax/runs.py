@@ -38,7 +38,7 @@ CORRUPT_DIR = "corrupt_checkpoints"
 # reported); any other change means a different run, which must not be mixed into this workdir.
 RESUMABLE_KEYS = ("num_epochs", "checkpoint_every_epochs", "checkpoint_every_steps",
                   "keep_checkpoints", "eval_batch_size", "eval_every_epochs", "log_every_steps",
-                  "data.data_dir", "data.source", "data.prefetch")
+                  "data.data_dir", "data.source", "data.prefetch", "compilation_cache_dir")
 
 
 # Keys added after runs were made, at the value that keeps such runs' meaning: a saved config

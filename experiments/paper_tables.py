@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from at_jax import devices, train
+from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.metrics import read_jsonl, write_json_atomic
 from configs import cifar10, cifar100, fashion_mnist, table3
 
@@ -79,6 +80,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "", "config.data.data_dir for every run.")
     flags.DEFINE_string("student_model", "", "Replace every student model (quick checks).")
     flags.DEFINE_string("teacher_model", "", "Replace every teacher model (quick checks).")
+    flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
+                        "JAX's persistent compilation cache ('' = off).")
 
 
 def _shorten(config, epochs: int, options: dict) -> None:
@@ -230,6 +233,7 @@ def make_table(table: int, dataset: str, root: str, options: dict, pairs=None,
 def main(argv):
     del argv
     devices.use_cpu_cores(128)
+    use_compilation_cache(FLAGS.compilation_cache_dir)
     logging.set_verbosity(logging.WARNING)
     start = time.time()
     table = int(FLAGS.table)

@@ -1,16 +1,33 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run on CPU with 2 simulated devices (as many as CI's cores), so that every training test
 # runs a sharded step; the sharded==single test reruns itself with 8. Set before jax is imported.
 TEST_DEVICES = 2
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={TEST_DEVICES}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, its subprocesses included (they find it
+# through XDG_CACHE_HOME, the default of config.compilation_cache_dir): a program that several
+# tests compile is compiled once. Fresh for every run and removed after it, unless
+# AT_JAX_TESTS_CACHE_HOME names a directory to keep (a developer's faster reruns).
+_CACHE_HOME = os.environ.get("AT_JAX_TESTS_CACHE_HOME")
+if not _CACHE_HOME:
+    _CACHE_HOME = tempfile.mkdtemp(prefix="at_jax-tests-")
+    atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
+    os.environ["AT_JAX_TESTS_CACHE_HOME"] = _CACHE_HOME  # pytest subprocesses share it
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
 
 import gzip
 import struct
 
 import numpy as np
 import pytest
+
+from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
+
+use_compilation_cache(default_cache_dir())
 
 
 def write_idx(path, array):

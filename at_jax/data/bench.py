@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
+
 FLAGS = flags.FLAGS
 
 
@@ -30,6 +32,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("workers", 2, "Grain worker processes.")
     flags.DEFINE_integer("warmup", 3, "Untimed batches first (worker start-up).")
     flags.DEFINE_integer("read_threads", 1, "Threads per worker (config.data.read_threads).")
+    flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
+                        "JAX's persistent compilation cache ('' = off).")
 
 
 def run(data_dir: str, image_size: int, batch: int, steps: int, workers: int,
@@ -67,6 +71,7 @@ def main(argv):
     del argv
     if not FLAGS.data_dir:
         raise app.UsageError("--data_dir is required")
+    use_compilation_cache(FLAGS.compilation_cache_dir)
     print(json.dumps(run(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch, FLAGS.steps,
                          FLAGS.workers, FLAGS.warmup, FLAGS.read_threads)))
 
