@@ -1,65 +1,117 @@
-"""How close a student's attention maps are to its teacher's, on held-out images.
+"""How close a student's attention maps are to its teacher's: call :func:`attention_distance`.
 
-``attention_distance`` is the quantity AT minimises, measured without augmentation on any set of
-images: for each paired transfer point, the mean over images of
-``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2`` (paper eq. 2, p = 2), with the maps of
-:func:`at_jax.attention.attention_map`. 0 means identical maps; orthogonal maps give sqrt(2).
+The distance is the quantity AT minimises, measured without augmentation on any set of images:
+for each paired transfer point, the mean over images of ``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2``
+(paper eq. 2, p = 2), with the maps of :func:`at_jax.attention.attention_map`. 0 means identical
+maps; orthogonal maps give sqrt(2). It works for any pair of models given as functions
+``x -> (logits, acts)`` — built with :func:`at_jax.capture.model_fn`, a
+:class:`at_jax.runs.Teacher`, or at_jax's own ``(module, variables)`` pairs::
+
+    teacher = load_teacher("runs/fashion_mnist/wrn-16-2")
+    student = model_fn(my_model, names=["stage1", "stage2"], variables=my_vars)
+    attention_distance(student, teacher, test_images_u8, pairs=[("stage1", "group1"),
+                                                                ("stage2", "group2")],
+                       preprocess=teacher.preprocess)
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax.attention import attention_map
+from at_jax.attention import attention_map, common_size
 from at_jax.data.augment import normalize
 from at_jax.losses import Pairs, pair_activations
 from at_jax.models import forward
 
+__all__ = ["attention_distance", "pair_distances", "as_model_fn"]
+
+ModelFn = Callable[[Any], tuple[Any, Mapping[str, jax.Array]]]
+
+
+def as_model_fn(model: Any) -> ModelFn:
+    """``x -> (logits, acts)`` of a model given as such a function (a :class:`Teacher`, or one
+    built with :func:`at_jax.capture.model_fn`) or as an at_jax ``(module, variables)`` pair
+    (eval mode, its sown transfer points)."""
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module):
+        module, variables = model
+        return lambda x: forward(module, variables, x)[:2]
+    if callable(model):
+        return model
+    raise TypeError("a model here is a function x -> (logits, acts) (at_jax.capture.model_fn, "
+                    f"a Teacher) or an at_jax (module, variables) pair; got {type(model).__name__}")
+
 
 def pair_distances(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, jax.Array],
-                   pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean"
-                   ) -> dict[str, jax.Array]:
+                   pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean",
+                   channel_axis: int = -1) -> dict[str, jax.Array]:
     """Per example, ``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2`` for each paired transfer point, keyed
-    ``"student<-teacher"`` (the teacher's map resized to the student's where they differ)."""
+    ``"student<-teacher"`` (the larger map average-pooled to the smaller where they differ)."""
     out = {}
     for s, t in pair_activations(student_acts, teacher_acts, pairs):
-        q_s = attention_map(student_acts[s], p, reduce)
-        q_t = attention_map(teacher_acts[t], p, reduce, size=student_acts[s].shape[1:3])
+        size = common_size(student_acts[s].shape, teacher_acts[t].shape, channel_axis)
+        q_s = attention_map(student_acts[s], p, reduce, size=size, channel_axis=channel_axis)
+        q_t = attention_map(teacher_acts[t], p, reduce, size=size, channel_axis=channel_axis)
         out[f"{s}<-{t}"] = jnp.linalg.norm(q_s - q_t, axis=-1)
     return out
 
 
-def attention_distance(student: tuple, teacher: tuple, images_u8: np.ndarray, mean, std,
-                       pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean",
-                       batch_size: int = 500) -> Mapping[str, float]:
-    """Mean L2 distance between normalised student and teacher attention maps.
+def attention_distance(student: Any, teacher: Any, images: np.ndarray, mean: Any = None,
+                       std: Any = None, pairs: Pairs = "groups", p: float = 2.0,
+                       reduce: str = "mean", batch_size: int = 500, *,
+                       preprocess: Optional[Callable[[Any], Any]] = None,
+                       channel_axis: int = -1) -> dict[str, float]:
+    """Mean l2 distance between the normalised attention maps of a student and its teacher.
 
-    ``student`` and ``teacher`` are ``(flax_module, variables)``, run in eval mode on uint8
-    ``images_u8`` (normalised with ``mean``/``std``). Returns ``{"student<-teacher": distance}``
-    per pair (maps resized to the student's size where they differ) and their average as
-    ``"mean"``. Training runs with a teacher log the same quantity on the test set at every
-    evaluation (``test/attention/...`` in metrics.jsonl).
+    Args:
+      student, teacher: functions ``x -> (logits, acts)`` (:func:`at_jax.capture.model_fn`, a
+        :class:`at_jax.runs.Teacher`) or at_jax ``(module, variables)`` pairs; run on the same
+        input batches.
+      images: the images, in batches of ``batch_size``.
+      mean, std: if given, ``images`` are uint8 and are scaled to [0, 1] and normalised with
+        them first (at_jax's preprocessing); ``preprocess``: any other function applied to each
+        batch first (e.g. ``teacher.preprocess``). Without either, batches go to the models as
+        they are (a :class:`Teacher` preprocesses uint8 images itself).
+      pairs: ``[(student_name, teacher_name), ...]``, ``"s:t"`` strings, or ``"groups"`` (at_jax's
+        transfer points), as :func:`at_jax.losses.pair_activations`; an unknown name raises
+        with both models' names.
+      p, reduce, channel_axis: the attention maps (:func:`at_jax.attention.attention_map`).
+
+    Returns:
+      ``{"student<-teacher": distance}`` per pair and their average as ``"mean"``. Training runs
+      with a teacher log the same quantity on the test set at every evaluation
+      (``test/attention/...`` in metrics.jsonl).
     """
-    if len(images_u8) == 0:
+    if len(images) == 0:
         raise ValueError("attention_distance needs at least one image")
-
-    (s_model, s_vars), (t_model, t_vars) = student, teacher
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (uint8 images), or neither")
+    if mean is not None and preprocess is not None:
+        raise ValueError("give mean/std or preprocess, not both")
+    student_fn, teacher_fn = as_model_fn(student), as_model_fn(teacher)
+    if mean is not None:
+        def preprocess(x: jax.Array) -> jax.Array:
+            return normalize(x, mean, std)
 
     @jax.jit
-    def batch_sums(s_vars, t_vars, x):
-        x = normalize(x, mean, std)
-        _, s_acts, _ = forward(s_model, s_vars, x)
-        _, t_acts, _ = forward(t_model, t_vars, x)
-        return {k: jnp.sum(v) for k, v in pair_distances(s_acts, t_acts, pairs, p, reduce).items()}
+    def batch_sums(x: jax.Array) -> dict[str, jax.Array]:
+        if preprocess is not None:
+            x = preprocess(x)
+        _, s_acts = student_fn(x)
+        _, t_acts = teacher_fn(x)
+        distances = pair_distances(s_acts, t_acts, pairs, p, reduce, channel_axis)
+        return {k: jnp.sum(v) for k, v in distances.items()}
 
-    totals = None
-    for start in range(0, len(images_u8), batch_size):
-        sums = jax.device_get(batch_sums(s_vars, t_vars, images_u8[start:start + batch_size]))
+    totals: Optional[dict] = None
+    for start in range(0, len(images), batch_size):
+        sums = jax.device_get(batch_sums(jnp.asarray(images[start:start + batch_size])))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-    result = {k: float(v) / len(images_u8) for k, v in totals.items()}
+    assert totals is not None
+    result = {k: float(v) / len(images) for k, v in totals.items()}
     result["mean"] = float(np.mean(list(result.values())))
     return result
+

@@ -19,8 +19,9 @@ from absl import app, flags
 
 from at_jax import devices, recipes, step as step_lib
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
-from at_jax.models import get_model
 from at_jax.data import CIFAR_MEAN, CIFAR_STD
+from at_jax.models import get_model
+from at_jax.sharding import sharded
 
 METHODS = {
     "ce": "student", "at": "at", "kd": "kd", "at_kd": "at_kd", "factt": "factt",
@@ -74,7 +75,7 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
                                                       dtype=np.uint8), st.replicated),
             "pool_label": jax.device_put(rng.integers(0, 10, dataset_size).astype(np.int32),
                                          st.replicated)}
-    index_sharding = step_lib.NamedSharding(st.mesh, step_lib.P(None, "data"))
+    index_sharding = sharded(st.mesh, None, "data")
     batches = [{"index": jax.device_put(rng.integers(0, dataset_size, (seeds, batch)).astype(
         np.int32), index_sharding), **pool} for _ in range(8)]
     state = st.init_state()

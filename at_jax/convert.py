@@ -20,6 +20,7 @@ ImageNet mean/std, as at_jax's streamed pipeline does.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -27,7 +28,14 @@ import sys
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from at_jax import recipes, runs
+from at_jax.data import dataset_num_classes
+from at_jax.metrics import write_json_atomic
+from at_jax.models import from_torchvision, get_model
 
 MODELS = ("resnet-18", "resnet-34", "resnet-tiny")
 
@@ -89,10 +97,6 @@ def _infer_model(state_dict: Mapping[str, Any]) -> str:
 def to_variables(state_dict: Mapping[str, Any], model_name: str,
                  image_size: int = 224) -> tuple[dict, int]:
     """``(variables, num_classes)``: converted, and checked against ``model_name``'s layout."""
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from at_jax.models import from_torchvision, get_model
     if model_name not in MODELS:
         raise ConversionError(f"--model must be one of {', '.join(MODELS)}, got {model_name!r}")
     if "fc.weight" not in state_dict:
@@ -125,11 +129,6 @@ def to_variables(state_dict: Mapping[str, Any], model_name: str,
 def write_run(workdir: str, variables: dict, model_name: str, num_classes: int,
               dataset: str, image_size: int, source: dict) -> None:
     """Write ``workdir`` as a run directory: config.json and a step-0 checkpoint (one seed)."""
-    import jax.numpy as jnp
-
-    from at_jax import recipes, runs
-    from at_jax.data import dataset_num_classes
-    from at_jax.metrics import write_json_atomic
     if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)) or os.path.isdir(
             os.path.join(workdir, runs.CHECKPOINT_DIR)):
         raise ConversionError(f"{workdir!r} already holds a run; choose a new --workdir or delete "
@@ -175,7 +174,6 @@ def convert(path: str, model_name: str, workdir: str, dataset: str = "imagenet20
 
 
 def main(argv=None) -> int:
-    import argparse
     parser = argparse.ArgumentParser(
         prog="python -m at_jax.convert", description=__doc__.split("\n\n")[0],
         epilog="Save a .pth as .npz where torch is installed:  python -c \"import torch, numpy; "

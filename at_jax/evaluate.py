@@ -2,7 +2,7 @@
 
 Evaluation batches are ``{"image": uint8 (B, H, W, C), "label": (B,), "mask": (B,)}`` global
 arrays (``mask`` 0 marks the padding that gives every batch the same shape), from the in-memory
-path (:func:`array_batches`) or the streamed one (:mod:`at_jax.data.pipeline`). Errors are summed
+path (:func:`at_jax.data.batching.array_batches`) or the streamed one (:mod:`at_jax.data.pipeline`). Errors are summed
 on the device; the host syncs once per evaluation.
 """
 
@@ -14,10 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from at_jax.analysis import pair_distances
 from at_jax.data.augment import normalize
-from at_jax.step import error_counts, map_seeds
+from at_jax.metrics import error_counts
+from at_jax.models import forward
+from at_jax.seeds import map_seeds
+
+__all__ = ["make_eval_fn", "evaluate", "student_variables"]
 
 
 def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
@@ -31,8 +35,6 @@ def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
     :func:`at_jax.analysis.pair_distances`). With ``seeds`` (their number), ``variables`` have
     a leading seed axis and every sum has one too; ``seed_strategy`` "vmap" or "unroll" as the
     train step's (:meth:`at_jax.step.Step.seed_strategy`)."""
-    from at_jax.analysis import pair_distances
-    from at_jax.models import forward
 
     def single(variables, batch, teacher_variables):
         x = normalize(batch["image"], mean, std, dtype)
@@ -80,32 +82,3 @@ def evaluate(eval_fn: Callable, variables: Any, batches: Iterable[dict],
         result.update(distances)
         result["attention/mean"] = np.mean(np.stack(list(distances.values())), axis=0)
     return result
-
-
-def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from data every process holds in full (works single- and multi-host)."""
-    return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
-
-
-def eval_batch_size(requested: int, n_examples: int, n_devices: int) -> int:
-    """An evaluation batch no larger than needed, split evenly over ``n_devices``."""
-    size = min(int(requested), n_examples)
-    return max(n_devices, size - size % n_devices)
-
-
-def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  mesh: Optional[Mesh] = None) -> Iterable[dict]:
-    """Evaluation batches of in-memory arrays; the last one padded (and masked) to
-    ``batch_size``. With a ``mesh`` they are sharded over its ``data`` axis."""
-    sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
-    for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        mask = np.ones(len(y), np.float32)
-        if len(y) < batch_size:
-            pad = batch_size - len(y)
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-            y, mask = np.pad(y, (0, pad)), np.pad(mask, (0, pad))
-        batch = {"image": x, "label": y, "mask": mask}
-        if sharding is not None:
-            batch = {k: global_array(v, sharding) for k, v in batch.items()}
-        yield batch

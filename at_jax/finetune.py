@@ -1,4 +1,5 @@
-"""Fine-tuning: a student that starts from another run's weights, with parts of it frozen.
+"""Fine-tuning: a student that starts from another run's weights (:func:`plan`, :func:`merge`),
+with parts of it frozen (:func:`frozen_paths`, :func:`optimizer`).
 
 * ``config.init_from``: a run directory — a trained at_jax run, or one made from torchvision
   weights by ``python -m at_jax.convert`` — whose parameters and BN statistics start the student.
@@ -122,13 +123,6 @@ def describe(replaced: set, fresh: dict, pretrained: dict) -> str:
                      for p in sorted(replaced))
 
 
-def load(workdir: str, seed_index: int = 0) -> dict:
-    """The variables (host arrays) of ``workdir``'s newest checkpoint."""
-    from at_jax import runs
-    variables, _, _ = runs.restore_variables(workdir, seed_index, what="config.init_from")
-    return jax.device_get(variables)
-
-
 def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
     """(trained, frozen) parameter counts of the student."""
     flat = traverse_util.flatten_dict(dict(params))
@@ -136,5 +130,5 @@ def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
     return sum(int(v.size) for v in flat.values()) - n_frozen, n_frozen
 
 
-__all__ = ["check_modules", "frozen_paths", "optimizer", "plan", "merge", "describe", "load",
-           "trainable_count"]
+__all__ = ["check_modules", "frozen_paths", "optimizer", "plan", "merge", "describe",
+           "trainable_count", "module_names"]

@@ -1,125 +1,195 @@
-"""Loss terms as pure functions, and their composition into one objective.
+"""Transfer losses on arrays: call :func:`at_loss`, :func:`at_losses`, :func:`kd_kl`,
+:func:`kd_loss`, :func:`factt_loss` from any training code (they compose with ``jax.jit``,
+``jax.grad`` and ``jax.vmap``).
 
-Formulas (REFERENCE.md):
-  at_loss  "code":  mean over batch and positions of (Q_S/||Q_S|| − Q_T/||Q_T||)²  — weight β = 1e3
-           "paper": eq. 2's per-sample ||Q_S/||Q_S|| − Q_T/||Q_T|| ||_2, averaged over the batch
-                    (weight it with β/2)
-  kd_loss  alpha · T² · KL(softmax(t/T) || softmax(s/T)) (batch mean) + (1 − alpha) · CE(s, y)
-           (the reference code since 2018-07-11); ``legacy=True``: its earlier form, whose
-           ``kl_div`` averaged over batch × classes and was weighted 2·alpha·T², i.e. 2/C times
-           the KL term above — the version its README called exactly reproducible on CIFAR-10
-  factt_loss  full-activation transfer: mean squared difference of per-sample l2-normalised
-              activations (student adapted to the teacher's channels by a 1×1 conv if needed)
+Formulas (REFERENCE.md; Q = the attention map of :func:`at_jax.attention.attention_map`)::
 
-An objective is a weighted sum of named terms (:func:`make_objective`). A term is a function
-``term(out: StepOutputs, **options) -> scalar`` registered with :func:`register_term`; adding a
-distillation method means writing one such function and naming it in a config.
+    at_loss  "code":  mean over batch and positions of (Q_S/||Q_S|| − Q_T/||Q_T||)²
+                      (the reference code's ``at_loss``; weight it with β = 1e3)
+             "paper": mean over the batch of ||Q_S/||Q_S|| − Q_T/||Q_T|| ||_2 (eq. 2's norm;
+                      eq. 2 weights it β/2)
+    kd_kl    T² · mean_i KL(softmax(t_i/T) || softmax(s_i/T))
+    kd_loss  α · kd_kl + (1 − α) · CE(s, y)   (the reference since 2018-07-11; ``legacy=True``:
+             its earlier form, 2/C times the KL term)
+    factt_loss  mean squared difference of per-sample l2-normalised full activations
+
+The teacher's side of every function is wrapped in ``jax.lax.stop_gradient``: differentiating
+any of them gives no gradient to the teacher, whatever your code differentiates.
+
+Activations are NHWC by default; ``channel_axis=1`` takes NCHW (PyTorch's layout) and gives the
+same numbers. Feature maps of different resolutions are compared after average-pooling the larger
+to the smaller, which must be the same integer multiple of it in height and width (else a
+``ValueError`` names both shapes). Activations are paired by name with
+:func:`pair_activations`. The objective that the CLI trains, a weighted sum of named terms
+built on these functions, is :mod:`at_jax.objective`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from at_jax.attention import attention_map, normalize_rows, resize_map
+from at_jax.attention import attention_map, channels_last, common_size, normalize_rows, pool_map
 from at_jax.precision import upcast
+
+__all__ = ["at_loss", "at_losses", "kd_kl", "kd_loss", "factt_loss", "cross_entropy",
+           "pair_activations", "pair_name", "AT_MODES", "Pairs"]
 
 AT_MODES = ("code", "paper")
 
+Pairs = Union[str, Sequence[Union[str, Sequence[str]]]]
 
-# --------------------------------------------------------------------------- elementary losses
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(
-        upcast(logits), labels).mean()
+    """Mean softmax cross-entropy of (B, K) logits with (B,) integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(upcast(logits), labels).mean()
 
 
 def at_loss(student_act: jax.Array, teacher_act: jax.Array, p: float = 2.0,
-            reduce: str = "mean", mode: str = "code", normalize: Optional[str] = "l2") -> jax.Array:
-    """Attention-transfer loss between one pair of NHWC activations.
+            reduce: str = "mean", mode: str = "code", normalize: Optional[str] = "l2", *,
+            channel_axis: int = -1) -> jax.Array:
+    """Attention-transfer loss between one pair of activations (paper eq. 2).
 
-    If the spatial sizes differ, the larger 2-D map is pooled (or interpolated) to the smaller.
+    Args:
+      student_act: (B, H, W, C_s) student activations (``channel_axis=1``: (B, C_s, H, W)).
+      teacher_act: (B, H', W', C_t) teacher activations; channel counts may differ. If the
+        spatial sizes differ, the larger map is average-pooled to the smaller (see
+        :func:`at_jax.attention.common_size`).
+      p, reduce, normalize: the attention map (:func:`at_jax.attention.attention_map`).
+      mode: "code" — the reference code's mean over batch and positions of the squared
+        difference of normalised maps (weight it β = 1e3, the published numbers); "paper" —
+        eq. 2's per-sample l2 norm of the difference, averaged over the batch (eq. 2 weights it
+        β/2).
+      channel_axis: the channel axis of both arrays.
+
+    Returns:
+      A float32 scalar. No gradient reaches ``teacher_act``.
     """
     if mode not in AT_MODES:
         raise ValueError(f"at_loss mode must be one of {AT_MODES}, got {mode!r}")
     if student_act.shape[0] != teacher_act.shape[0]:
-        raise ValueError(f"student and teacher batch sizes differ: {student_act.shape} vs "
-                         f"{teacher_act.shape}")
-    s_hw, t_hw = student_act.shape[1:3], teacher_act.shape[1:3]
-    size = min(s_hw, t_hw, key=lambda hw: hw[0] * hw[1]) if s_hw != t_hw else None
-    qs = attention_map(student_act, p, reduce, normalize, size=size)
-    qt = attention_map(teacher_act, p, reduce, normalize, size=size)
+        raise ValueError(f"student and teacher batch sizes differ: {tuple(student_act.shape)} "
+                         f"vs {tuple(teacher_act.shape)}")
+    size = common_size(student_act.shape, teacher_act.shape, channel_axis)
+    qs = attention_map(student_act, p, reduce, normalize, size=size, channel_axis=channel_axis)
+    qt = attention_map(jax.lax.stop_gradient(teacher_act), p, reduce, normalize, size=size,
+                       channel_axis=channel_axis)
     diff = qs - qt
     if mode == "code":
         return jnp.mean(diff * diff)
     return jnp.mean(jnp.sqrt(jnp.sum(diff * diff, axis=-1) + 1e-24))
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
-            temperature: float = 4.0, alpha: float = 0.9, legacy: bool = False) -> jax.Array:
-    """Hinton's knowledge distillation exactly as the reference ``distillation()``.
+def pair_name(student: str, teacher: str) -> str:
+    """The key of a (student, teacher) pair in :func:`at_losses`'s per-pair dict: ``"s:t"``."""
+    return f"{student}:{teacher}"
 
-    ``legacy=False`` (the reference since 2018-07-11): ``α·T²·KL_batchmean + (1−α)·CE``.
-    ``legacy=True`` (before it): ``2·α·T²·KL/(B·C) + (1−α)·CE`` — ``kl_div``'s old default
-    averaged over every one of the B×C elements, so the KL term is 2/C times the current one
-    (5× smaller on CIFAR-10, 50× on CIFAR-100)."""
+
+def at_losses(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, jax.Array],
+              pairs: Pairs, *, p: float = 2.0, reduce: str = "mean", mode: str = "code",
+              normalize: Optional[str] = "l2", channel_axis: int = -1
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`at_loss` over several transfer points: ``(total, per_pair)``.
+
+    Args:
+      student_acts, teacher_acts: name -> activations (from :func:`at_jax.capture.capture`, or
+        the sown activations of at_jax's models).
+      pairs: ``[(student_name, teacher_name), ...]``, names present in both (``["layer3",
+        "layer4"]``), ``"s:t"`` strings, a comma-separated string of those, or ``"groups"`` /
+        ``"blocks"`` (see :func:`pair_activations`).
+      p, reduce, mode, normalize, channel_axis: as :func:`at_loss`.
+
+    Returns:
+      ``total``, the unweighted sum over pairs (the reference code's ``sum(at_losses)``; multiply
+      it by β), and ``per_pair``, ``"s:t"`` -> that pair's value. No gradient reaches the teacher.
+
+    Example::
+
+        total, per_pair = at_losses(s_acts, t_acts, [("stage2", "layer3")])
+        loss = ce + 1e3 * total
+    """
+    per_pair = {pair_name(s, t): at_loss(student_acts[s], teacher_acts[t], p, reduce, mode,
+                                         normalize, channel_axis=channel_axis)
+                for s, t in pair_activations(student_acts, teacher_acts, pairs)}
+    return sum(per_pair.values(), jnp.zeros((), jnp.float32)), per_pair
+
+
+def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array,
+          temperature: float = 4.0) -> jax.Array:
+    """Hinton's distillation term without the cross-entropy: ``T² · mean_i KL(p_T,i || p_S,i)``
+    with ``p = softmax(logits / T)``, summed over classes and averaged over the batch.
+
+    Args:
+      student_logits, teacher_logits: (B, K).
+      temperature: T (the paper: 4 for its ResNet transfers).
+
+    Returns:
+      A float32 scalar. No gradient reaches ``teacher_logits``.
+    """
     t = temperature
     log_p = jax.nn.log_softmax(upcast(student_logits) / t, axis=-1)
-    log_q = jax.nn.log_softmax(upcast(teacher_logits) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1).mean() * t * t
+    log_q = jax.nn.log_softmax(upcast(jax.lax.stop_gradient(teacher_logits)) / t, axis=-1)
+    return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1).mean() * t * t
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+            temperature: float = 4.0, alpha: float = 0.9, legacy: bool = False) -> jax.Array:
+    """Knowledge distillation exactly as the reference ``distillation()``:
+    ``α · kd_kl + (1 − α) · CE(student_logits, labels)``.
+
+    ``legacy=True`` is the reference before 2018-07-11: ``kl_div``'s old default averaged over
+    every one of the B×C elements, so its KL term is ``2/C · kd_kl`` (5× smaller on CIFAR-10,
+    50× on CIFAR-100) — the form the paper's CIFAR-10 numbers came from.
+
+    Args:
+      student_logits, teacher_logits: (B, C); labels: (B,) integers.
+
+    Returns:
+      A float32 scalar. No gradient reaches ``teacher_logits``.
+    """
+    kl = kd_kl(student_logits, teacher_logits, temperature)
     if legacy:
         kl = kl * 2.0 / student_logits.shape[-1]
     return alpha * kl + (1.0 - alpha) * cross_entropy(student_logits, labels)
 
 
-def factt_loss(student_act: jax.Array, teacher_act: jax.Array) -> jax.Array:
-    """F-ActT: mean squared difference of per-sample l2-normalised full activations.
+def factt_loss(student_act: jax.Array, teacher_act: jax.Array, *,
+               channel_axis: int = -1) -> jax.Array:
+    """F-ActT (full-activation transfer): the mean squared difference of per-sample
+    l2-normalised activations (each flattened over H, W, C).
 
-    ``student_act`` must already have the teacher's channel count (see :class:`FActTAdapters`).
+    Args:
+      student_act: (B, H, W, C) — already with the teacher's channel count (adapt it with a 1×1
+        convolution first, as :class:`at_jax.objective.FActTAdapters`).
+      teacher_act: (B, H', W', C); the larger spatial size is average-pooled to the smaller.
+      channel_axis: the channel axis of both arrays.
+
+    Returns:
+      A float32 scalar. No gradient reaches ``teacher_act``.
     """
-    if student_act.shape[-1] != teacher_act.shape[-1]:
-        raise ValueError(f"F-ActT needs equal channel counts (got {student_act.shape[-1]} and "
-                         f"{teacher_act.shape[-1]}); adapt the student with a 1x1 conv first")
-    s, t = upcast(student_act), upcast(teacher_act)
-    if s.shape[1:3] != t.shape[1:3]:
-        size = min(s.shape[1:3], t.shape[1:3], key=lambda hw: hw[0] * hw[1])
-        s, t = (_resize_nhwc(x, size) for x in (s, t))
+    s = upcast(channels_last(student_act, channel_axis))
+    t = upcast(channels_last(jax.lax.stop_gradient(teacher_act), channel_axis))
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"F-ActT needs equal channel counts (got {s.shape[-1]} and "
+                         f"{t.shape[-1]}); adapt the student with a 1x1 conv first")
+    size = common_size(s.shape, t.shape)
+    s, t = (_pool_channels(x, size) for x in (s, t))
     b = s.shape[0]
     diff = normalize_rows(s.reshape(b, -1)) - normalize_rows(t.reshape(b, -1))
     return jnp.mean(diff * diff)
 
 
-def _resize_nhwc(x: jax.Array, size) -> jax.Array:
-    # Resize each channel as a 2-D map (channels folded into the batch axis).
+def _pool_channels(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Average-pool every channel of NHWC ``x`` to ``size``."""
     b, h, w, c = x.shape
+    if (h, w) == tuple(size):
+        return x
     maps = jnp.moveaxis(x, -1, 1).reshape(b * c, h, w)
-    return jnp.moveaxis(resize_map(maps, size).reshape(b, c, *size), 1, -1)
-
-
-class FActTAdapters(nn.Module):
-    """1×1 conv adapters from student to teacher channels, one per transfer point that needs it.
-
-    ``channels`` maps a student activation name to the teacher's channel count. The ``factt``
-    term owns these parameters (registered with ``module=``): they are trained with the student,
-    under ``params['terms']['factt']``.
-    """
-
-    channels: Mapping[str, int]
-
-    @nn.compact
-    def __call__(self, acts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        out = dict(acts)
-        for name, c in self.channels.items():
-            out[name] = nn.Conv(c, (1, 1), use_bias=False, name=name.replace("/", "_"))(acts[name])
-        return out
+    return jnp.moveaxis(pool_map(maps, size).reshape(b, c, *size), 1, -1)
 
 
 # --------------------------------------------------------------------------- pairing activations
@@ -127,253 +197,56 @@ class FActTAdapters(nn.Module):
 _TRANSFER_POINT = re.compile(r"^(group|block|layer)\d+$")
 _WRN_BLOCK = re.compile(r"^group\d+\.block\d+$")
 
-Pairs = Union[str, Sequence[Union[str, Sequence[str]]]]
 
-
-def _sorted_names(names, pattern) -> list[str]:
-    key = lambda n: [int(d) for d in re.findall(r"\d+", n)]  # noqa: E731
+def _sorted_names(names: Any, pattern: re.Pattern) -> list[str]:
+    def key(n: str) -> list[int]:
+        return [int(d) for d in re.findall(r"\d+", n)]
     return sorted((n for n in names if pattern.match(n)), key=key)
 
 
 def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any],
                      pairs: Pairs = "groups") -> list[tuple[str, str]]:
-    """Choose (student_name, teacher_name) pairs of sown activations.
+    """Choose (student_name, teacher_name) pairs of activations.
 
-    ``"groups"``: the models' transfer points (WRN ``group*``, NIN ``block*``, ResNet ``layer*``),
-    paired in order — the paper's one loss per group for networks of different depth.
-    ``"blocks"``: every WRN block, for student and teacher of the same depth.
-    A sequence: names present in both (``["group1", "group2"]``) or explicit pairs; or the same
-    as one comma-separated string (``"layer3,layer4"``, ``"s_name:t_name,..."``), the form that a
-    command-line override can give (``--config.loss.at.pairs=layer3,layer4``).
+    ``"groups"``: at_jax's models' transfer points (WRN ``group*``, NIN ``block*``, ResNet
+    ``layer*``), paired in order — the paper's one loss per group for networks of different
+    depth. ``"blocks"``: every WRN block, for student and teacher of the same depth.
+    A sequence: names present in both (``["group1", "group2"]``), explicit pairs
+    (``[("stage2", "layer3")]``) or ``"s:t"`` strings; or the same as one comma-separated
+    string (``"layer3,layer4"``, ``"stage2:layer3,stage3:layer4"``), the form that a
+    command-line override gives (``--config.loss.at.pairs=layer3,layer4``).
+
+    Raises ``ValueError`` listing both sides' names when a name is missing.
     """
     if isinstance(pairs, str) and pairs not in ("groups", "blocks"):
         if not pairs.strip() or not all(p.strip() for p in pairs.split(",")):
             raise ValueError(f"pairs must be 'groups', 'blocks' or names such as "
                              f"'layer3,layer4', got {pairs!r}")
-        pairs = [tuple(p.strip().split(":", 1)) if ":" in p else p.strip()
-                 for p in pairs.split(",")]
+        pairs = [p.strip() for p in pairs.split(",")]
     if isinstance(pairs, str):
         pattern = _TRANSFER_POINT if pairs == "groups" else _WRN_BLOCK
         s_names = _sorted_names(student_acts, pattern)
         t_names = _sorted_names(teacher_acts, pattern)
         if not s_names or len(s_names) != len(t_names):
             raise ValueError(
-                f"cannot pair {pairs!r}: student has {s_names}, teacher has {t_names}"
+                f"cannot pair {pairs!r}: student has {s_names}, teacher has {t_names} "
+                f"(all student names: {sorted(student_acts)}; teacher: {sorted(teacher_acts)})"
                 + (" (per-block pairing needs student and teacher of the same depth)"
-                   if pairs == "blocks" else ""))
-        return list(zip(s_names, t_names))
+                   if pairs == "blocks" else
+                   ". 'groups' pairs at_jax's own transfer points (group*, block*, layer*); "
+                   "for other models name the pairs, e.g. [('stage2', 'layer3')]"))
+        return list(zip(s_names, t_names, strict=True))
     result = []
     for item in pairs:
-        s, t = (item, item) if isinstance(item, str) else tuple(item)
-        missing = [n for n, acts in ((s, student_acts), (t, teacher_acts)) if n not in acts]
+        if isinstance(item, str):
+            s, t = (part.strip() for part in item.split(":", 1)) if ":" in item else (item, item)
+        else:
+            s, t = tuple(item)
+        missing = [f"the {side} has no {n!r}" for side, n, acts in
+                   (("student", s, student_acts), ("teacher", t, teacher_acts)) if n not in acts]
         if missing:
-            raise ValueError(f"activation(s) {missing} not sown; student has {sorted(student_acts)},"
-                             f" teacher has {sorted(teacher_acts)}")
+            raise ValueError(f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}; the "
+                             f"student has {sorted(student_acts)}, the teacher "
+                             f"{sorted(teacher_acts)}")
         result.append((s, t))
     return result
-
-
-# --------------------------------------------------------------------------- composition
-
-@dataclasses.dataclass
-class StepOutputs:
-    """What a train step computed, handed to every loss term.
-
-    ``student_acts``/``teacher_acts`` map sown names to activations. ``term_modules`` maps the
-    name of a term that owns parameters to its module applied with the current parameters
-    (``out.term_module("factt")(acts)``). ``weight_scale`` is the multiplier for terms whose
-    weight follows the learning-rate schedule; ``epoch`` (1-based) switches on terms with a
-    ``start_epoch``. ``extras`` holds lazily computed quantities (for
-    example input gradients; see :mod:`at_jax.gradient`).
-    """
-
-    images: jax.Array
-    labels: jax.Array
-    student_logits: jax.Array
-    student_acts: Mapping[str, jax.Array]
-    teacher_logits: Optional[jax.Array] = None
-    teacher_acts: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
-    term_modules: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
-    weight_scale: jax.Array | float = 1.0
-    epoch: jax.Array | int = 1
-    extras: dict = dataclasses.field(default_factory=dict)
-    lazy: Mapping[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
-
-    def get(self, key: str):
-        """Compute (once per trace) and return a lazily provided quantity such as an input gradient."""
-        if key not in self.extras:
-            if key not in self.lazy:
-                raise ValueError(f"this step does not provide {key!r}; available: {sorted(self.lazy)}")
-            self.extras[key] = self.lazy[key]()
-        return self.extras[key]
-
-    def term_module(self, name: str) -> Optional[Callable]:
-        """The parameterised module of term ``name`` (bound to its parameters), or None."""
-        return self.term_modules.get(name)
-
-    def require_teacher(self, term: str) -> None:
-        if self.teacher_logits is None:
-            raise ValueError(f"loss term {term!r} needs a teacher: set config.teacher.workdir")
-
-
-TermFn = Callable[..., jax.Array]
-# module(student_acts, teacher_acts, **options) -> flax module or None; acts may be shape structs
-ModuleFactory = Callable[..., Optional[nn.Module]]
-_TERMS: dict[str, TermFn] = {}
-_MODULES: dict[str, ModuleFactory] = {}
-TEACHER_TERMS: set[str] = set()
-
-
-def register_term(name: str, needs_teacher: bool = False, module: Optional[ModuleFactory] = None):
-    """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``.
-
-    A term that owns trainable parameters (F-ActT's adapters) passes ``module``: a function of the
-    student's and teacher's sown activations (shapes) and the term's options that returns a flax
-    module (or None when none is needed). The train step initialises it on the student's
-    activations, trains its ``params`` with the student's (``params['terms'][name]``), and hands
-    it to the term as ``out.term_module(name)``.
-    """
-    def wrap(fn: TermFn) -> TermFn:
-        _TERMS[name] = fn
-        if needs_teacher:
-            TEACHER_TERMS.add(name)
-        if module is not None:
-            _MODULES[name] = module
-        return fn
-    return wrap
-
-
-def term_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A term's own options (without ``weight`` and ``weight_schedule``)."""
-    return {k: v for k, v in options.items() if k not in _SPEC_KEYS}
-
-
-def term_modules(spec: Mapping[str, Mapping[str, Any]], student_acts: Mapping[str, Any],
-                 teacher_acts: Mapping[str, Any]) -> dict[str, nn.Module]:
-    """The parameterised modules of the active terms of ``spec``, by term name."""
-    modules = {}
-    for name, options in validate_terms(spec).items():
-        if name in _MODULES:
-            module = _MODULES[name](student_acts, teacher_acts, **term_options(options))
-            if module is not None:
-                modules[name] = module
-    return modules
-
-
-def term_names() -> list[str]:
-    return sorted(_TERMS)
-
-
-@register_term("ce")
-def ce_term(out: StepOutputs) -> jax.Array:
-    return cross_entropy(out.student_logits, out.labels)
-
-
-@register_term("kd", needs_teacher=True)
-def kd_term(out: StepOutputs, temperature: float = 4.0, alpha: float = 0.9,
-            legacy: bool = False) -> jax.Array:
-    out.require_teacher("kd")
-    return kd_loss(out.student_logits, out.teacher_logits, out.labels, temperature, alpha, legacy)
-
-
-@register_term("at", needs_teacher=True)
-def at_term(out: StepOutputs, p: float = 2.0, reduce: str = "mean", mode: str = "code",
-            normalize: Optional[str] = "l2", pairs: Pairs = "groups") -> jax.Array:
-    """Σ over paired activations of :func:`at_loss` (the reference's ``sum(at_losses)``)."""
-    out.require_teacher("at")
-    return sum(at_loss(out.student_acts[s], out.teacher_acts[t], p, reduce, mode, normalize)
-               for s, t in pair_activations(out.student_acts, out.teacher_acts, pairs))
-
-
-def factt_adapters(student_acts, teacher_acts, pairs: Pairs = "groups") -> Optional[FActTAdapters]:
-    """1×1 adapters for the F-ActT pairs whose channel counts differ (None if all match)."""
-    if not teacher_acts:
-        return None
-    channels = {s: teacher_acts[t].shape[-1]
-                for s, t in pair_activations(student_acts, teacher_acts, pairs)
-                if student_acts[s].shape[-1] != teacher_acts[t].shape[-1]}
-    return FActTAdapters(channels) if channels else None
-
-
-@register_term("factt", needs_teacher=True, module=factt_adapters)
-def factt_term(out: StepOutputs, pairs: Pairs = "groups") -> jax.Array:
-    """Σ over paired activations of :func:`factt_loss` on adapted student activations."""
-    out.require_teacher("factt")
-    adapt = out.term_module("factt")
-    adapted = adapt(out.student_acts) if adapt is not None else out.student_acts
-    return sum(factt_loss(adapted[s], out.teacher_acts[t])
-               for s, t in pair_activations(out.student_acts, out.teacher_acts, pairs))
-
-
-WEIGHT_SCHEDULES = ("constant", "lr")
-_SPEC_KEYS = ("weight", "weight_schedule", "start_epoch")
-
-
-def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Check an objective spec ``{term: {'weight': w, 'weight_schedule': s, 'start_epoch': e,
-    **options}}``: a term with ``start_epoch`` e > 1 counts from epoch e on (Table 5 adds AT at
-    epoch 60 of 100); before that its weight is 0 (its value is still measured).
-
-    Terms with weight 0 are dropped. Raises ``ValueError`` naming the unknown term or option.
-    """
-    active = {}
-    for name, options in spec.items():
-        options = dict(options)
-        if name not in _TERMS:
-            raise ValueError(f"unknown loss term {name!r}; known terms: {', '.join(term_names())}")
-        weight = options.get("weight", 1.0)
-        if not isinstance(weight, (int, float)):
-            raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
-        schedule = options.get("weight_schedule", "constant")
-        if schedule not in WEIGHT_SCHEDULES:
-            raise ValueError(f"loss term {name!r}: weight_schedule must be one of "
-                             f"{WEIGHT_SCHEDULES}, got {schedule!r}")
-        params = inspect.signature(_TERMS[name]).parameters
-        unknown = [k for k in options if k not in _SPEC_KEYS and k not in params]
-        if unknown:
-            allowed = [k for k in params if k != "out"] + list(_SPEC_KEYS)
-            raise ValueError(f"loss term {name!r} has no option(s) {unknown}; options: {allowed}")
-        start = options.get("start_epoch", 0)
-        if not isinstance(start, int) or start < 0:
-            raise ValueError(f"loss term {name!r}: start_epoch must be an integer >= 0 (0 or 1: "
-                             f"from the start), got {start!r}")
-        if weight != 0:
-            active[name] = options
-    if not active:
-        raise ValueError("the objective has no term with a non-zero weight")
-    return active
-
-
-def make_objective(spec: Mapping[str, Mapping[str, Any]]
-                   ) -> Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]:
-    """Compose named, weighted terms into ``objective(out) -> (loss, measurements)``.
-
-    ``measurements`` holds every term's unweighted value under its name and the total as ``loss``.
-    """
-    active = validate_terms(spec)
-
-    def objective(out: StepOutputs):
-        total = jnp.zeros((), jnp.float32)
-        measurements = {}
-        for name, options in active.items():
-            value = _TERMS[name](out, **term_options(options))
-            weight = options.get("weight", 1.0)
-            if options.get("weight_schedule", "constant") == "lr":
-                weight = weight * out.weight_scale
-            if options.get("start_epoch", 0) > 1:
-                weight = jnp.where(out.epoch >= options["start_epoch"], weight, 0.0)
-            total = total + weight * value
-            measurements[name] = value
-        measurements["loss"] = total
-        return total, measurements
-
-    return objective
-
-
-def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
-    return any(name in TEACHER_TERMS for name in validate_terms(spec))
-
-
-# The input-gradient terms (grad_at, min_l2, symmetry) live in their own module; importing it
-# here registers them wherever the objective is built.
-from at_jax import gradient  # noqa: E402,F401

@@ -9,6 +9,7 @@ cluster auto-detection: leave them unset on TPU pods, SLURM, ...).
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -64,7 +65,6 @@ def main(argv):
         fail("--config is required (e.g. --config configs/cifar10.py:student)")
     if not FLAGS.workdir:
         fail("--workdir is required")
-    import jax
     if FLAGS.distributed:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes,

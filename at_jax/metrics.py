@@ -1,5 +1,7 @@
-"""Where a run's numbers go: JSON lines, TensorBoard event files (tensorboardX, no TensorFlow),
-and an atomically written ``results.json``."""
+"""A run's numbers: error counts on the device (:func:`error_counts`), metric rows
+(:func:`epoch_row`, :func:`window_row`), and where they go: JSON lines and TensorBoard event
+files (:class:`MetricsWriter`; tensorboardX, no TensorFlow) and an atomically written
+``results.json`` (:func:`write_json_atomic`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,30 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
+
+__all__ = ["error_counts", "MetricsWriter", "epoch_row", "window_row", "train_means",
+           "read_jsonl", "write_json_atomic", "write_json_lines_atomic", "METRICS_FILE",
+           "RESULTS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+
+
+def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
+                 ) -> dict[str, jax.Array]:
+    """Top-1 and top-5 error counts of a batch (``mask`` 0 drops padding examples), and the
+    example count, as on-device sums."""
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    top1 = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+    topk = jnp.all(top_k != labels[:, None], axis=-1).astype(jnp.float32)
+    return {"errors": jnp.sum(top1 * mask), "top5_errors": jnp.sum(topk * mask),
+            "count": jnp.sum(mask)}
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
@@ -52,7 +74,6 @@ class MetricsWriter:
         self.history = kept
         if enabled:
             write_json_lines_atomic(self.path, kept)
-            from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                     purge_step=resume_step + 1 if resume_step else None)
 

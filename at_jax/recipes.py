@@ -5,14 +5,26 @@ itself (the CLI, the benchmarks) never imports ``configs/``, so the installed pa
 any directory.
 
 ``base_config()`` is the reference CIFAR recipe: a WRN-16-1 student trained alone. ``METHODS``
-holds the paper's Table 1/2 columns as ``{config.path: value}`` edits (:func:`apply_method`).
+holds the paper's Table 1/2 columns as ``{config.path: value}`` edits (:func:`apply_method`):
+``teacher`` (WRN-16-2 by default), ``student`` (alone), ``at``, ``factt``, ``kd``, ``at_kd`` and
+``at_kd_decay`` (β follows the learning-rate schedule, the paper's decaying β); the Table 2
+mapping functions ``at_fsum`` (F_sum), ``at_fsum2`` (F_sum²), ``at_fsum4`` (F_sum⁴), ``at_fmax1``
+(F_max¹) — ``student`` is the "none" row. AT uses β = 1e3 with the reference code's per-element
+mean ("code" mode) and one loss per group. :func:`table1_recipe` adds what the reference CIFAR
+code did beyond the base recipe.
+
+Config files (``configs/*.py``) import only this module, so that they load from any directory.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from at_jax.compilation_cache import default_cache_dir
+
+__all__ = ["base_config", "apply_method", "table1_recipe", "set_path", "METHODS", "BETA"]
 
 BETA = 1e3
 
@@ -107,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+def set_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
     """``set_path(config, "loss.at.weight", 1e3)``."""
     *parents, leaf = path.split(".")
     node = config
@@ -126,3 +138,14 @@ def apply_method(config: ml_collections.ConfigDict, method: str,
     if method not in ("teacher", "student"):
         config.teacher.workdir = teacher_workdir
     return config
+
+
+def table1_recipe(config: ml_collections.ConfigDict, method: str, teacher_workdir: str,
+                  legacy_kd: bool) -> ml_collections.ConfigDict:
+    """Table 1/2 settings on top of ``config``, then ``method``'s edits: BN scales drawn from
+    U(0, 1) as the reference CIFAR code, and (``legacy_kd``) its KD before the 2018-07-11 fix —
+    the form the paper's CIFAR-10 numbers came from (2/C times today's KL term; see
+    :func:`at_jax.losses.kd_loss`)."""
+    config.model_overrides = {"bn_scale_init": "uniform"}
+    config.loss.kd.legacy = legacy_kd
+    return apply_method(config, method, teacher_workdir)

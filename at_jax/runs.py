@@ -1,5 +1,6 @@
-"""A run directory: its config, checkpoints and results, and restoring a run (to continue it, or
-as a teacher).
+"""A run directory: call :func:`load_teacher` to use a trained (or converted) run as a teacher in
+any code; :class:`Checkpoints`, :func:`check_same_run` and :func:`restore_variables` are what the
+training loop uses.
 
     WORKDIR/config.json        the resolved config (read back when this run serves as a teacher)
     WORKDIR/checkpoints/STEP/  Orbax: "state" (train state + the epoch's metric sums), "meta"
@@ -18,8 +19,10 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +32,15 @@ from absl import logging
 from flax import traverse_util
 
 from at_jax import finetune, step as step_lib
+from at_jax.data.augment import normalize
+from at_jax.data.catalog import dataset_info, dataset_num_classes
+from at_jax.metrics import RESULTS_FILE
+from at_jax.models import forward
+
+__all__ = ["load_teacher", "Teacher", "restore_variables", "load_variables",
+           "load_run_variables", "read_config", "check_same_run", "finished_results",
+           "config_hash", "Checkpoints", "CheckpointError", "CONFIG_FILE", "CHECKPOINT_DIR",
+           "RESUMABLE_KEYS"]
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -103,7 +115,6 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def finished_results(workdir: str, config: ml_collections.ConfigDict) -> Optional[dict]:
     """The saved results of this exact run if it already finished, else None."""
-    from at_jax.metrics import RESULTS_FILE
     path = os.path.join(workdir, RESULTS_FILE)
     if not os.path.isfile(path):
         return None
@@ -119,7 +130,6 @@ def _handlers(streamed: bool) -> dict:
     """The checkpoint's items: train state, JSON metadata and (streamed runs) Grain's state."""
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     if streamed:
-        import grain
         handlers["data"] = grain.checkpoint.CheckpointHandler()
     return handlers
 
@@ -148,7 +158,6 @@ class Checkpoints:
     def save(self, step: int, state_tree: Any, meta: dict, data_iterator=None) -> None:
         args = {"state": ocp.args.StandardSave(state_tree), "meta": ocp.args.JsonSave(meta)}
         if self.streamed:
-            import grain
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**args))
 
@@ -160,7 +169,6 @@ class Checkpoints:
         for step in reversed(self.steps()):
             args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
             if self.streamed:
-                import grain
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -200,11 +208,10 @@ class Checkpoints:
 
 # --------------------------------------------------------------------------- teacher
 
-def _local_target(manager: ocp.CheckpointManager, step: int) -> Any:
-    """Abstract arrays on this process's first device: a run saved on another topology (8
-    GPUs, 2 hosts) restores on this one."""
+def _local(metadata: Any) -> Any:
+    """Abstract arrays on this process's first device for a tree of array metadata: a run saved
+    on another topology (8 GPUs, 2 hosts) restores on this one."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = manager.item_metadata(step)["state"]
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         metadata, is_leaf=lambda m: hasattr(m, "shape"))
 
@@ -214,7 +221,8 @@ def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = N
                       ) -> tuple[dict, ml_collections.ConfigDict, str]:
     """``(variables, config, where)`` of a run: ``{"params", "batch_stats"}`` of seed
     ``seed_index`` from its newest checkpoint (or ``step``), on this process's first device, and
-    the run's config. ``what`` names the setting that pointed here, for error messages."""
+    the run's config. Only the student's parameters and BN statistics are read (not the optimizer
+    state). ``what`` names the setting that pointed here, for error messages."""
     config = read_config(workdir)
     if config is None:
         raise FileNotFoundError(f"{what} {workdir!r} has no {CONFIG_FILE}: train that run first "
@@ -224,18 +232,25 @@ def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = N
     ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not os.path.isdir(ckpt_dir) or _any_step(ckpt_dir) is None:
         raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
-    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=_handlers(
-        os.path.isdir(os.path.join(ckpt_dir, str(_any_step(ckpt_dir)), "data"))))
+    streamed = os.path.isdir(os.path.join(ckpt_dir, str(_any_step(ckpt_dir)), "data"))
+    handlers = {**_handlers(streamed), "state": ocp.PyTreeCheckpointHandler()}
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=handlers)
     try:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
         step = steps[-1] if step is None else step
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_local_target(manager, step))))["state"]["train_state"]
+        saved = manager.item_metadata(step)["state"]["train_state"]
+        wanted = {"params": {"student": _local(saved["params"]["student"])}}
+        if saved.get("batch_stats"):
+            wanted["batch_stats"] = _local(saved["batch_stats"])
+        n_seeds = int(saved["step"].shape[0])
+        target = {"train_state": wanted}
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))["state"]["train_state"]
     finally:
         manager.close()
-    n_seeds = int(np.shape(restored["step"])[0])
     if not 0 <= seed_index < n_seeds:
         raise ValueError(f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} "
                          "seed(s)")
@@ -246,6 +261,12 @@ def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = N
     return variables, config, f"{ckpt_dir} (step {step})"
 
 
+def load_variables(workdir: str, seed_index: int = 0, what: str = "config.init_from") -> dict:
+    """The variables (host arrays) of ``workdir``'s newest checkpoint: a fine-tuning start."""
+    variables, _, _ = restore_variables(workdir, seed_index, what=what)
+    return jax.device_get(variables)
+
+
 def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_index: int = 0,
                        step: Optional[int] = None
                        ) -> tuple[Any, dict, ml_collections.ConfigDict]:
@@ -254,7 +275,14 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
     Architecture from its ``config.json``, variables from its newest checkpoint (or ``step``),
     seed ``seed_index`` of a multi-seed run. The model computes in float32."""
     variables, config, where = restore_variables(workdir, seed_index, step)
-    from at_jax.data import dataset_num_classes
+    model = _evaluation_model(workdir, variables, config, where, num_classes, image_shape)
+    return model, variables, config
+
+
+def _evaluation_model(workdir: str, variables: dict, config: ml_collections.ConfigDict,
+                      where: str, num_classes: int, image_shape: tuple) -> nn.Module:
+    """The run's model (float32) for ``num_classes`` and ``image_shape``, checked against its
+    restored ``variables``."""
     trained_classes = dataset_num_classes(config)
     if trained_classes not in (None, num_classes):
         raise ValueError(f"teacher in {workdir!r} was trained on {config.data.name} "
@@ -277,4 +305,86 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
                          "on this data first (config.init_from, e.g. configs/transfer.py:"
                          "teacher,DATASET)")
     # The teacher computes in float32 even if the student uses bfloat16.
-    return model.clone(dtype=jnp.float32), variables, config
+    return model.clone(dtype=jnp.float32)
+
+
+def _saved_num_classes(config: ml_collections.ConfigDict, variables: dict,
+                       image_shape: tuple) -> int:
+    """The class count of a run's classifier, read off its variables (image-folder runs)."""
+    expected = jax.eval_shape(step_lib.build_model(config, 1).init, jax.random.key(0),
+                              jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+    new = traverse_util.flatten_dict(expected)
+    old = traverse_util.flatten_dict(variables)
+    classes = {old[p].shape[-1] for p in new if p in old and new[p].shape != old[p].shape}
+    if len(classes) != 1:
+        raise ValueError(f"cannot tell the class count of the run's classifier ({sorted(classes)})")
+    return int(classes.pop())
+
+
+class Teacher:
+    """A trained (or converted) run, ready to run in eval mode: ``logits, acts = teacher(images)``.
+
+    Attributes: ``model`` (the Flax module, float32), ``variables`` (``{"params",
+    "batch_stats"}``), ``num_classes``, ``image_shape`` (H, W, C), ``mean`` and ``std`` (per
+    channel, for images scaled to [0, 1]), ``config`` (the run's config) and ``workdir``.
+    Built by :func:`load_teacher`.
+    """
+
+    def __init__(self, model: nn.Module, variables: dict, num_classes: int, image_shape: tuple,
+                 mean: tuple, std: tuple, config: ml_collections.ConfigDict, workdir: str):
+        self.model, self.variables = model, variables
+        self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.config, self.workdir = config, workdir
+        self._apply: Callable = jax.jit(lambda v, x: forward(model, v, x)[:2])
+
+    def preprocess(self, images_uint8: Any) -> jax.Array:
+        """uint8 images (B, H, W, C) — or (B, H, W) for a one-channel teacher — to the float32
+        input the teacher was trained on (scaled to [0, 1], normalised with its mean/std)."""
+        x = jnp.asarray(images_uint8)
+        if x.ndim == 3 and self.image_shape[-1] == 1:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] != self.image_shape[-1]:
+            raise ValueError(f"the teacher in {self.workdir!r} takes images of shape (B, H, W, "
+                             f"{self.image_shape[-1]}) (trained on {self.image_shape}); got "
+                             f"{tuple(x.shape)}")
+        if x.dtype != jnp.uint8:
+            raise ValueError(f"preprocess takes uint8 images (0-255), got {x.dtype}")
+        return normalize(x, self.mean, self.std)
+
+    def apply(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(logits, acts)`` of already preprocessed float input (eval mode, jitted); ``acts``
+        are the model's transfer points (WRN ``group0..2``, NIN ``block0..2``, ResNet
+        ``layer1..4``, and WRN's per-block ``groupG.blockI``)."""
+        return self._apply(self.variables, x)
+
+    def __call__(self, images: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(logits, acts)`` of uint8 images, preprocessed as in training (float input is taken
+        as already preprocessed). Eval mode, jitted; no gradient flows to the teacher's
+        variables (they are not an argument)."""
+        x = images if jnp.issubdtype(jnp.asarray(images).dtype, jnp.floating) else \
+            self.preprocess(images)
+        return self.apply(x)
+
+    def __repr__(self) -> str:
+        return (f"Teacher({self.config.model!r} from {self.workdir!r}, {self.num_classes} "
+                f"classes, images {self.image_shape})")
+
+
+def load_teacher(workdir: str, seed_index: int = 0) -> Teacher:
+    """A CLI-trained or converted run as a teacher, in one line::
+
+        teacher = load_teacher("runs/cifar10/wrn-16-2")
+        logits, acts = teacher(images_uint8)      # eval mode, jitted; acts["group0"], ...
+
+    Reads the run's ``config.json`` (architecture, dataset: class count, image shape, mean and
+    std) and its newest checkpoint (seed ``seed_index`` of a multi-seed run; only parameters and
+    BN statistics). Raises with what to do when the run is missing or does not match its config.
+    """
+    variables, config, where = restore_variables(workdir, seed_index)
+    info = dataset_info(config)
+    image_shape = tuple(info["image_shape"])
+    num_classes = info["num_classes"] or _saved_num_classes(config, variables, image_shape)
+    model = _evaluation_model(workdir, variables, config, where, num_classes, image_shape)
+    return Teacher(model, variables, num_classes, image_shape, info["mean"], info["std"], config,
+                   workdir)

@@ -14,9 +14,9 @@ Batches come in two forms, both global arrays sharded over the ``data`` axis of 
   the dataset held on the devices and augments them (reflect-pad crop, flip) in the program.
 
 Independent seeds are trained together: every array of the train state has a leading seed axis
-and the step is ``jax.vmap``-ed over it (``config.num_seeds``). ``metrics`` are per-seed sums
-over the batch (every loss term by name, top-1/top-5 errors and the example count) for the loop
-to accumulate on the device.
+and the step maps over it (:func:`at_jax.seeds.map_seeds`, ``config.num_seeds``). ``metrics``
+are per-seed sums over the batch (every loss term by name, top-1/top-5 errors and the example
+count) for the loop to accumulate on the device.
 """
 
 from __future__ import annotations
@@ -31,26 +31,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from at_jax import finetune, gradient, losses
+from at_jax import finetune, losses, objective
 from at_jax.data import augment as aug
+from at_jax.metrics import error_counts
 from at_jax.models import forward, get_model
+from at_jax.seeds import SEED_STRATEGIES, make_key, map_seeds
+from at_jax.sharding import data_mesh, replicated, sharded
+
+__all__ = ["Step", "TrainState", "build_model", "build_optimizer", "lr_schedule", "base_lr",
+           "compute_dtype", "DTYPES", "BN_MODES"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SEED_STRATEGIES = ("auto", "vmap", "unroll")
-
-# The run's random keys (init, augmentation) use the "rbg" PRNG: XLA compiles it far faster than
-# the default threefry (the train-state init of a WRN compiles in ~3-4 s instead of ~10-14 s on
-# XLA:CPU). Streams are deterministic for a given JAX version and backend.
-PRNG_IMPL = "rbg"
-
-
-def make_key(seed_or_data) -> jax.Array:
-    """A typed PRNG key of :data:`PRNG_IMPL` from an int seed or from raw key data."""
-    if isinstance(seed_or_data, int):
-        return jax.random.key(seed_or_data, impl=PRNG_IMPL)
-    return jax.random.wrap_key_data(seed_or_data, impl=PRNG_IMPL)
+# Batch norm in the input-gradient pass of the gradient terms (the paper's open question):
+# "batch_stats" — the training forward itself (batch statistics; running statistics updated
+# once); "frozen" — a separate forward with the running statistics (eval-mode BN).
+BN_MODES = ("batch_stats", "frozen")
 
 
 @flax.struct.dataclass
@@ -103,42 +100,6 @@ def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformatio
                   nesterov=opt.nesterov))
 
 
-def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
-                 ) -> dict[str, jax.Array]:
-    """Top-1 and top-5 error counts of a batch (``mask`` 0 drops padding examples)."""
-    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    top1 = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
-    topk = jnp.all(top_k != labels[:, None], axis=-1).astype(jnp.float32)
-    return {"errors": jnp.sum(top1 * mask), "top5_errors": jnp.sum(topk * mask),
-            "count": jnp.sum(mask)}
-
-
-def map_seeds(fn: Callable, num_seeds: int, strategy: str, in_axes: tuple) -> Callable:
-    """``fn`` over a leading seed axis: ``jax.vmap(fn, in_axes)``, or with ``strategy``
-    "unroll" (and more than one seed) one call per seed in the same program, stacked.
-    ``in_axes`` has one entry per argument: 0 (seed axis), None (shared) or a dict of those."""
-    if strategy == "vmap" or num_seeds == 1:
-        return jax.vmap(fn, in_axes=in_axes)
-
-    def take(arg, axis, s):
-        if isinstance(axis, dict):
-            return {k: take(v, axis[k], s) for k, v in arg.items()}
-        return arg if axis is None else jax.tree.map(lambda a: a[s], arg)
-
-    def unrolled(*args):
-        outputs = [fn(*(take(a, ax, s) for a, ax in zip(args, in_axes)))
-                   for s in range(num_seeds)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-    return unrolled
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with a ``data`` axis over ``devices`` (default: every device of every process)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
 class Step:
     """What is fixed for a run (models, objective, optimizer, mesh); builds its jitted steps.
 
@@ -157,8 +118,8 @@ class Step:
         self.model = build_model(config, num_classes)
         self.dtype = compute_dtype(config)
         self.loss_spec = dict(config.loss)
-        self.objective = losses.make_objective(self.loss_spec)
-        if losses.needs_teacher(self.loss_spec) and teacher_model is None:
+        self.objective = objective.make_objective(self.loss_spec)
+        if objective.needs_teacher(self.loss_spec) and teacher_model is None:
             raise ValueError("the loss uses a teacher term (at/kd/factt/...) but no teacher is set: "
                              "set config.teacher.workdir to a trained teacher's workdir")
         self.teacher_model = teacher_model
@@ -167,7 +128,10 @@ class Step:
         self.steps_per_epoch = steps_per_epoch
         self.schedule = lr_schedule(config, steps_per_epoch)
         self.mesh = mesh or data_mesh()
-        self.gradient_options = dict(config.get("gradient", {}))
+        self.bn_mode = config.get("gradient", {}).get("bn_mode", "batch_stats")
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"config.gradient.bn_mode must be one of {BN_MODES}, got "
+                             f"{self.bn_mode!r}")
         dummy = jnp.zeros((2,) + self.image_shape, self.dtype)
         # the student's variables as shapes ({"params", "batch_stats"})
         self.variable_shapes = shapes = jax.eval_shape(self.model.init, jax.random.key(0), dummy)
@@ -181,8 +145,8 @@ class Step:
                                               shapes)
         self._teacher_shapes = {} if teacher_model is None else jax.eval_shape(
             lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
-        self.term_modules = losses.term_modules(self.loss_spec, self._student_shapes,
-                                                self._teacher_shapes)
+        self.term_modules = objective.term_modules(self.loss_spec, self._student_shapes,
+                                                   self._teacher_shapes)
 
     def attention_pairs(self) -> Optional[Any]:
         """The transfer points at which to measure the attention distance to the teacher: the
@@ -190,7 +154,7 @@ class Step:
         two networks cannot be paired (their group counts differ)."""
         if self.teacher_model is None:
             return None
-        active = losses.validate_terms(self.loss_spec)
+        active = objective.validate_terms(self.loss_spec)
         pairs = active.get("at", {}).get("pairs", "groups")
         try:
             losses.pair_activations(self._student_shapes, self._teacher_shapes, pairs)
@@ -230,8 +194,8 @@ class Step:
         return jax.jit(init, out_shardings=self.replicated)(self.seed_keys(), pretrained)
 
     @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return replicated(self.mesh)
 
     # ------------------------------------------------------------------ the step
 
@@ -251,23 +215,22 @@ class Step:
     def _outputs(self, params, batch_stats, teacher_variables, images, labels, step, key):
         """Student (train mode) and teacher (eval mode) forward passes -> StepOutputs.
 
-        The input-gradient pass of the gradient terms sees the same dropout masks as the
-        training forward (``key``)."""
-        student_fn = lambda p, bs, train: self.student_fn(p, bs, train, key)  # noqa: E731
-        s_logits, s_acts, new_stats = student_fn(params, batch_stats, True)(images)
+        The input-gradient pass of the gradient terms (``student_fn``) sees the same dropout
+        masks as the training forward (``key``), and batch norm as ``config.gradient.bn_mode``."""
+        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key)(images)
+        gradient_pass = self.student_fn(params, batch_stats, self.bn_mode == "batch_stats", key)
         t_logits, t_acts, teacher_fn = None, {}, None
         if self.teacher_model is not None:
-            teacher_fn = lambda x: forward(self.teacher_model, teacher_variables, x)  # noqa
-            t_logits, t_acts, _ = teacher_fn(images)
-        out = losses.StepOutputs(
+            def teacher_fn(x):
+                return forward(self.teacher_model, teacher_variables, x)[0]
+            t_logits, t_acts, _ = forward(self.teacher_model, teacher_variables, images)
+        out = objective.StepOutputs(
             images=images, labels=labels, student_logits=s_logits, student_acts=s_acts,
             teacher_logits=t_logits, teacher_acts=t_acts,
+            student_fn=lambda x: gradient_pass(x)[0], teacher_fn=teacher_fn,
             term_modules=self._bound_term_modules(params),
             weight_scale=self.schedule(step) / base_lr(self.config),
-            epoch=step // self.steps_per_epoch + 1,
-            lazy=gradient.input_gradient_quantities(
-                student_fn, params, batch_stats, teacher_fn, images, labels,
-                **self.gradient_options))
+            epoch=step // self.steps_per_epoch + 1)
         return out, new_stats
 
     def prepare_batch(self, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -281,7 +244,7 @@ class Step:
         else:
             images = aug.normalize(batch["image"], self.mean, self.std, self.dtype)
             labels = batch["label"]
-        images = jax.lax.with_sharding_constraint(images, NamedSharding(self.mesh, P("data")))
+        images = jax.lax.with_sharding_constraint(images, sharded(self.mesh))
         return images, labels
 
     def train_single(self, state: TrainState, batch: dict, teacher_variables
@@ -338,8 +301,8 @@ class Step:
         return jax.jit(self._train_step, donate_argnums=0)
 
     def metric_names(self) -> list[str]:
-        names = list(losses.validate_terms(self.loss_spec)) + ["loss", "errors", "top5_errors",
-                                                              "count"]
+        names = list(objective.validate_terms(self.loss_spec)) + ["loss", "errors",
+                                                                 "top5_errors", "count"]
         return [f"train/{n}" for n in names]
 
     def empty_sums(self) -> dict[str, jax.Array]:

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 from flax import serialization
 
 from at_jax import evaluate, finetune, runs, step as step_lib
 from at_jax.data import open_data
+from at_jax.sharding import data_mesh, replicated
 from at_jax.metrics import (RESULTS_FILE, MetricsWriter, epoch_row, window_row,
                             write_json_atomic)
 
@@ -68,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         say(f"{workdir}: finished earlier ({finished['epochs']} epochs), results reused")
         return finished
 
-    mesh = step_lib.data_mesh()
+    mesh = data_mesh()
     data = open_data(config, mesh)
     _validate(config, data, mesh.size)
     logging.info("data: %s, %d train / %d test, %s", config.data.name, data.n_train,
@@ -80,8 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             config.teacher.workdir, data.num_classes, data.image_shape, config.teacher.seed_index)
         # host copies first: a global (multi-process) array is built from the same values on
         # every process
-        teacher_variables = jax.device_put(jax.device_get(teacher_variables),
-                                           step_lib.NamedSharding(mesh, step_lib.P()))
+        teacher_variables = jax.device_put(jax.device_get(teacher_variables), replicated(mesh))
         teacher_eval = evaluate.evaluate(
             evaluate.make_eval_fn(teacher_model, data.mean, data.std), teacher_variables,
             data.eval_batches())
@@ -91,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     init_variables = None
     if config.init_from:
-        init_variables = finetune.load(config.init_from)
+        init_variables = runs.load_variables(config.init_from)
     step = step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std,
                          data.steps_per_epoch, teacher_model, teacher_variables, mesh,
                          init_variables)
@@ -262,6 +263,5 @@ class _NullBar:
 def _progress(total: int, done: int, epoch: int, config, enabled: bool):
     if not enabled:
         return _NullBar()
-    from tqdm import tqdm
     return tqdm(total=total, initial=done, desc=f"epoch {epoch}/{config.num_epochs}",
                 unit="step", leave=True, dynamic_ncols=True)

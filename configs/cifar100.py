@@ -4,7 +4,7 @@
     python -m at_jax.main --config configs/cifar100.py:student --workdir runs/cifar100/wrn-16-1
     python -m at_jax.main --config configs/cifar100.py:at      --workdir runs/cifar100/wrn-16-1-at
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
-     at_fmax1 — see configs/methods.py)
+     at_fmax1 — see at_jax/recipes.py)
 
 Students read their teacher from runs/cifar100/wrn-16-2 (override with --config.teacher.workdir);
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: peers report (WRN-40-2 → WRN-16-2, 240 epochs) top-1 accuracy: teacher 75.61, student 73.26, KD 74.92, AT 74.08.
@@ -13,13 +13,12 @@ KD uses today's form (``loss.kd.legacy=False``, what the CIFAR-100 peers ran); B
 from U(0, 1) as in the reference CIFAR code.
 """
 
-from configs import default
-from configs.methods import table1_recipe
+from at_jax import recipes
 
 TEACHER_WORKDIR = "runs/cifar100/wrn-16-2"
 
 
 def get_config(method: str = "student"):
-    config = default.get_config()
+    config = recipes.base_config()
     config.data.name = "cifar100"
-    return table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=False)
+    return recipes.table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=False)

@@ -4,7 +4,7 @@
     python -m at_jax.main --config configs/fashion_mnist.py:student --workdir runs/fashion_mnist/wrn-16-1
     python -m at_jax.main --config configs/fashion_mnist.py:at      --workdir runs/fashion_mnist/wrn-16-1-at
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
-     at_fmax1 — see configs/methods.py)
+     at_fmax1 — see at_jax/recipes.py)
 
 Students read their teacher from runs/fashion_mnist/wrn-16-2 (override with --config.teacher.workdir);
 other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: measured numbers for the short schedule are in README.md (make demo); the full 200-epoch recipe is the CIFAR one.
@@ -13,13 +13,12 @@ Same recipe as ``cifar10.py``: KD in the reference's 2017 form (``loss.kd.legacy
 scales from U(0, 1).
 """
 
-from configs import default
-from configs.methods import table1_recipe
+from at_jax import recipes
 
 TEACHER_WORKDIR = "runs/fashion_mnist/wrn-16-2"
 
 
 def get_config(method: str = "student"):
-    config = default.get_config()
+    config = recipes.base_config()
     config.data.name = "fashion_mnist"
-    return table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=True)
+    return recipes.table1_recipe(config, method, TEACHER_WORKDIR, legacy_kd=True)

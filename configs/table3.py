@@ -19,7 +19,7 @@ terms; the weights below are untuned defaults. Paper (CIFAR-10, % error, single 
 13.5 · min-l2 12.5 · grad-based AT 12.1 · KD 12.1 · symmetry 11.8 · activation-based AT 11.2.
 """
 
-from configs import default, methods
+from at_jax import recipes
 
 GRADIENT_BETA = 1.0
 TEACHERS = {
@@ -34,7 +34,7 @@ STUDENTS = {
     "grad_at": ({"loss.grad_at.weight": GRADIENT_BETA}, "teacher"),
     "symmetry": ({"loss.symmetry.weight": GRADIENT_BETA}, None),
     "kd": ({"loss.ce.weight": 0.0, "loss.kd.weight": 1.0}, "teacher"),
-    "at": ({"loss.at.weight": methods.BETA}, "teacher_at"),
+    "at": ({"loss.at.weight": recipes.BETA}, "teacher_at"),
 }
 METHODS = tuple(TEACHERS) + tuple(STUDENTS)
 DATASETS = ("cifar10", "fashion_mnist")
@@ -47,7 +47,7 @@ def get_config(arg: str = "baseline"):
         raise ValueError(f"unknown Table 3 method {method!r}; known: {', '.join(METHODS)}")
     if dataset not in DATASETS:
         raise ValueError(f"Table 3 dataset must be one of {DATASETS}, got {dataset!r}")
-    config = default.get_config()
+    config = recipes.base_config()
     config.model = "nin-thin"
     config.model_overrides = {"batch_norm": False, "relu_before_pool": False}
     config.data.name = dataset
@@ -56,7 +56,7 @@ def get_config(arg: str = "baseline"):
     config.loss.kd.legacy = True
     edits, teacher = STUDENTS[method] if method in STUDENTS else (TEACHERS[method], None)
     for path, value in edits.items():
-        methods.set_path(config, path, value)
+        recipes.set_path(config, path, value)
     if teacher:
         config.teacher.workdir = f"runs/table3/{dataset}/{teacher}"
     return config

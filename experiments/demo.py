@@ -15,13 +15,13 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from at_jax import devices, runs as run_lib, train
+from at_jax import devices, recipes, runs as run_lib, train
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.analysis import attention_distance
 from at_jax.data import load_dataset
 from at_jax.figures import attention_figure
 from at_jax.metrics import write_json_atomic
-from configs import fashion_mnist, methods
+from configs import fashion_mnist
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the runs, table and figure go.")
@@ -42,7 +42,7 @@ STUDENTS = (("student", "WRN-16-1 alone"), ("at", "WRN-16-1 + AT"), ("kd", "WRN-
 def demo_config(method: str, epochs: int, teacher_dir: str, seeds: int = 1):
     config = fashion_mnist.get_config("student")
     config.num_seeds = seeds
-    methods.apply_method(config, method, teacher_dir)
+    recipes.apply_method(config, method, teacher_dir)
     config.data.data_dir = FLAGS.data_dir
     config.data.train_size = FLAGS.train_size
     config.data.test_size = FLAGS.test_size

@@ -75,7 +75,8 @@ def init(model, seed, *args, **kwargs):
 
 def tiny_config(data_dir, method="student", **overrides):
     """A fast config: WRN-10-1 on the tiny IDX dataset."""
-    from configs import fashion_mnist, methods
+    from at_jax import recipes
+    from configs import fashion_mnist
     config = fashion_mnist.get_config(method)
     config.model = "wrn-tiny"
     config.data.data_dir = str(data_dir)
@@ -86,7 +87,7 @@ def tiny_config(data_dir, method="student", **overrides):
     config.data.augment.crop_pad = 1  # the class is a square's position: keep shifts small
     config.optimizer.lr = 0.05
     for key, value in overrides.items():
-        methods.set_path(config, key, value)
+        recipes.set_path(config, key, value)
     return config
 
 

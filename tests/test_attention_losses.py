@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from at_jax.attention import attention_map
-from at_jax.losses import (FActTAdapters, StepOutputs, at_loss, cross_entropy, factt_loss,
-                           kd_loss, make_objective, pair_activations)
+from at_jax.losses import at_loss, cross_entropy, factt_loss, kd_loss, pair_activations
+from at_jax.objective import FActTAdapters, StepOutputs, make_objective
 from conftest import init
 
 
@@ -123,7 +123,7 @@ def test_pair_activations():
     nin = {"block0": 0, "block1": 0, "block2": 0}
     assert pair_activations(nin, wrn16)[2] == ("block2", "group2")
     assert pair_activations(wrn16, wrn40, ["group2"]) == [("group2", "group2")]
-    with pytest.raises(ValueError, match="not sown"):
+    with pytest.raises(ValueError, match="the student has no 'layer4' and the teacher has no"):
         pair_activations(wrn16, wrn40, ["layer4"])
 
 
@@ -172,7 +172,7 @@ def test_objective_spec_errors_are_explained():
 
 
 def test_factt_adapters_are_trainable_and_map_channels():
-    from at_jax.losses import term_modules
+    from at_jax.objective import term_modules
     out = make_outputs(jax.random.key(2))
     modules = term_modules({"factt": {"weight": 1.0, "pairs": [("group0", "group0")]}},
                            out.student_acts, {"group0": jnp.zeros((2, 4, 4, 6))})

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at_jax import gradient, losses
+from at_jax import gradient, objective
 from at_jax.models import NIN, forward
-from conftest import tiny_config, init
+from conftest import init, tiny_config
 
 
 def tiny_nin(**kw):
@@ -14,16 +14,17 @@ def tiny_nin(**kw):
                relu_before_pool=False, dropout_rate=0.0, dtype=jnp.float64, **kw)
 
 
-def outputs_for(student, params, teacher, t_vars, x, y, bn_mode="batch_stats", stats=None):
-    def factory(p, bs, train):
-        variables = {"params": p["student"], **({"batch_stats": bs} if bs else {})}
-        return lambda z: forward(student, variables, z, train=train)
-    logits, acts, _ = factory(params, stats, True)(x)
-    teacher_fn = lambda z: forward(teacher, t_vars, z)  # noqa: E731
-    t_logits, t_acts, _ = teacher_fn(x)
-    return losses.StepOutputs(x, y, logits, acts, t_logits, t_acts, lazy=gradient.
-                              input_gradient_quantities(factory, params, stats, teacher_fn, x, y,
-                                                        bn_mode))
+def outputs_for(student, params, teacher, t_vars, x, y):
+    """What the step hands the terms, for models without batch norm."""
+    def student_fn(z):
+        return forward(student, {"params": params["student"]}, z, train=True)[0]
+
+    def teacher_fn(z):
+        return forward(teacher, t_vars, z)[0]
+    logits, acts, _ = forward(student, {"params": params["student"]}, x, train=True)
+    t_logits, t_acts, _ = forward(teacher, t_vars, x)
+    return objective.StepOutputs(x, y, logits, acts, t_logits, t_acts, student_fn=student_fn,
+                                 teacher_fn=teacher_fn)
 
 
 def test_input_gradient_and_second_order_gradient_match_finite_differences():
@@ -42,7 +43,7 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
 
         params = {"student": f64(init(student, 1, x)["params"])}
         t_vars = f64(init(teacher, 2, x))
-        objective = losses.make_objective({"ce": {"weight": 1.0}, "grad_at": {"weight": 3.0},
+        loss_of = objective.make_objective({"ce": {"weight": 1.0}, "grad_at": {"weight": 3.0},
                                            "min_l2": {"weight": 2.0}, "symmetry": {"weight": 1.5},
                                            "at": {"weight": 10.0}, "kd": {"weight": 0.5}})
 
@@ -50,10 +51,11 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
         out = outputs_for(student, params, teacher, t_vars, x, y)
         direct = jax.grad(lambda z: -jnp.sum(jax.nn.log_softmax(
             student.apply({"params": params["student"]}, z))[jnp.arange(3), y]))(x)
-        np.testing.assert_allclose(out.get("student_input_grad"), direct, rtol=1e-10)
+        np.testing.assert_allclose(gradient.input_gradient(out.student_fn, x, y), direct,
+                                   rtol=1e-10)
 
         def loss(p):
-            return objective(outputs_for(student, p, teacher, t_vars, x, y))[0]
+            return loss_of(outputs_for(student, p, teacher, t_vars, x, y))[0]
 
         grads = jax.grad(loss)(params)
         direction = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype),
@@ -66,8 +68,8 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
         assert analytic.dtype == jnp.float64
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
         # the second-order part is real: without differentiating through J the gradient differs
-        detached = jax.grad(lambda p: objective(outputs_for(student, p, teacher, t_vars, x, y)
-                                                )[1]["ce"])(params)
+        detached = jax.grad(lambda p: loss_of(outputs_for(student, p, teacher, t_vars, x, y)
+                                              )[1]["ce"])(params)
         assert not np.allclose(jax.tree.leaves(detached)[0], jax.tree.leaves(grads)[0])
 
 
@@ -103,29 +105,34 @@ def test_symmetry_penalty_is_zero_exactly_for_a_flip_invariant_model():
                                                        False)):
         params = {"student": kaiming_scaled(init(model, 1, x)["params"])}
         out = outputs_for(model, params, model, {"params": params["student"]}, x, y)
-        values[invariant] = float(gradient.symmetry_term(out))
+        values[invariant] = float(objective.symmetry_term(out))
         # grad_at against itself is zero, min_l2 (½ mean ||J||², by default) is not
-        assert float(gradient.grad_at_term(out)) == 0.0
-        j = np.asarray(out.get("student_input_grad")).reshape(4, -1)
-        np.testing.assert_allclose(gradient.min_l2_term(out), 0.5 * np.mean(np.sum(j * j, -1)),
+        assert float(objective.grad_at_term(out)) == 0.0
+        j = np.asarray(gradient.input_gradient(out.student_fn, x, y)).reshape(4, -1)
+        np.testing.assert_allclose(objective.min_l2_term(out), 0.5 * np.mean(np.sum(j * j, -1)),
                                    rtol=1e-5)
-        np.testing.assert_allclose(gradient.min_l2_term(out, squared=False),
+        np.testing.assert_allclose(objective.min_l2_term(out, squared=False),
                                    0.5 * np.mean(np.linalg.norm(j, axis=-1)), rtol=1e-5)
     assert values[False] > 1e-6 and values[True] < 1e-6 * values[False]
 
 
-def test_bn_modes_differ_with_batch_norm_and_are_validated():
-    model = NIN(widths=SMALL, num_classes=3, batch_norm=True, dropout_rate=0.0)
-    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1)) * 3 + 1
+def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
+    from at_jax import step as step_lib
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1)) * 3 + 1
     y = jnp.array([0, 1, 2, 0])
-    variables = init(model, 1, x)
-    params = {"student": variables["params"]}
-    grads = {mode: outputs_for(model, params, model, variables, x, y, mode,
-                               variables["batch_stats"]).get("student_input_grad")
-             for mode in gradient.BN_MODES}
+    grads = {}
+    for mode in step_lib.BN_MODES:
+        config = tiny_config(idx_dir, model="nin-tiny", **{"gradient.bn_mode": mode,
+                                                          "model_overrides.dropout_rate": 0.0})
+        st = step_lib.Step(config, 10, (16, 16, 1), (0.5,), (0.25,), 8)
+        state = st.init_single(st.seed_keys()[0])
+        state = state.replace(batch_stats=jax.tree.map(lambda a: a + 0.5, state.batch_stats))
+        out, _ = st._outputs(state.params, state.batch_stats, {}, x, y, 0, jax.random.key(1))
+        grads[mode] = gradient.input_gradient(out.student_fn, x, y)
     assert not np.allclose(grads["batch_stats"], grads["frozen"])
     with pytest.raises(ValueError, match="bn_mode must be one of"):
-        outputs_for(model, params, model, variables, x, y, "both", variables["batch_stats"])
+        step_lib.Step(tiny_config(idx_dir, **{"gradient.bn_mode": "both"}), 10, (16, 16, 1),
+                      (0.5,), (0.25,), 8)
 
 
 def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, tmp_path):
@@ -161,7 +168,7 @@ def test_table3_configs():
             config = table3.get_config(f"{method},{ds}")
             assert config.data.name == ds and config.optimizer.weight_decay == 0
             assert config.data.augment.crop_pad == 0 and config.data.augment.flip
-            losses.validate_terms(dict(config.loss))
+            objective.validate_terms(dict(config.loss))
     assert table3.get_config("baseline").model_overrides.batch_norm is False
     assert table3.get_config("teacher").model == "nin-wide"
     # two teachers, as the paper: ReLU before pooling for grad-AT and KD, none for AT

@@ -15,6 +15,7 @@ from at_jax.data import open_data, sources
 from at_jax.data.pipeline import StreamedData
 from at_jax.data.transforms import (EvalTransform, TrainTransform, random_resized_crop_box)
 from at_jax.metrics import read_jsonl
+from at_jax.sharding import data_mesh
 from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 
 
@@ -127,7 +128,7 @@ def local_records(data, index, count, epoch_steps):
 
 def test_process_shards_are_disjoint_cover_the_epoch_and_form_the_same_global_batch(folder):
     config = streamed_config(folder, num_epochs=2)
-    data = StreamedData(config, step_lib.data_mesh())
+    data = StreamedData(config, data_mesh())
     steps = data.steps_per_epoch
     assert steps == 24 // 8
     one = local_records(data, 0, 1, 2 * steps)
@@ -146,13 +147,13 @@ def test_process_shards_are_disjoint_cover_the_epoch_and_form_the_same_global_ba
     # a different permutation each epoch, reproducible from the seed
     labels = [b["label"].tolist() for b in one]
     assert labels[:steps] != labels[steps:]
-    again = local_records(StreamedData(config, step_lib.data_mesh()), 0, 1, 2 * steps)
+    again = local_records(StreamedData(config, data_mesh()), 0, 1, 2 * steps)
     assert all((x["image"] == y["image"]).all() for x, y in zip(one, again))
 
 
 def test_eval_batches_cover_the_test_set_once_with_padding_masked(folder):
     config = streamed_config(folder, eval_batch_size=8)
-    data = open_data(config, step_lib.data_mesh())
+    data = open_data(config, data_mesh())
     batches = list(data.eval_batches())
     masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
     labels = np.concatenate([np.asarray(b["label"]) for b in batches])
@@ -162,7 +163,7 @@ def test_eval_batches_cover_the_test_set_once_with_padding_masked(folder):
 
 def test_iterator_state_resumes_at_the_exact_next_batch(folder):
     config = streamed_config(folder, num_epochs=2, **{"data.num_workers": 2})
-    data = StreamedData(config, step_lib.data_mesh())
+    data = StreamedData(config, data_mesh())
     it = data.train_iterator()
     for _ in range(2):
         next(it)
@@ -234,20 +235,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(folder, tmp_path):
 
 
 def test_a_term_that_owns_parameters_is_registered_like_any_other(folder, tmp_path):
-    from at_jax import losses
+    from at_jax import objective
     teacher_dir = tmp_path / "t"
     train.train_and_evaluate(streamed_config(folder, num_epochs=1, model="resnet-tiny"),
                              str(teacher_dir), progress=False)
     config = streamed_config(folder, "imagefolder", "factt", num_epochs=1)
     config.teacher.workdir = str(teacher_dir)
     config.model_overrides = {"widths": (4, 8, 16, 32)}  # half the teacher's channels
-    data = open_data(config, step_lib.data_mesh())
+    data = open_data(config, data_mesh())
     t_model, t_vars, _ = runs.load_run_variables(str(teacher_dir), data.num_classes,
                                                  data.image_shape)
     st = step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std,
                        data.steps_per_epoch, t_model, t_vars)
     assert set(st.term_modules) == {"factt"}
-    assert isinstance(st.term_modules["factt"], losses.FActTAdapters)
+    assert isinstance(st.term_modules["factt"], objective.FActTAdapters)
     state = st.init_state()
     kernels = state.params["terms"]["factt"]
     assert kernels["layer4"]["kernel"].shape == (1, 1, 1, 32, 64)  # (seeds, 1, 1, in, out)

@@ -13,7 +13,9 @@ from jax.sharding import Mesh
 
 from at_jax import runs, step as step_lib, train
 from at_jax.data import load_dataset
+from at_jax.data.batching import array_batches
 from at_jax.metrics import read_jsonl
+from at_jax.sharding import data_mesh, sharded
 from conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +165,7 @@ def test_sharded_step_equals_single_device(idx_dir):
         mesh = Mesh(np.asarray(devices), ("data",))
         st = make_step(config, data, mesh)
         state = st.init_state()
-        batch = {"index": jax.device_put(idx, step_lib.NamedSharding(mesh, step_lib.P(None, "data"))),
+        batch = {"index": jax.device_put(idx, sharded(mesh, None, "data")),
                  "pool_image": jax.device_put(data.train_images, st.replicated),
                  "pool_label": jax.device_put(data.train_labels, st.replicated)}
         state, sums = st.train_step(state, batch, {})
@@ -175,9 +177,9 @@ def test_sharded_step_equals_single_device(idx_dir):
 
 
 def one_step(config, data, idx):
-    mesh = step_lib.data_mesh()
+    mesh = data_mesh()
     st = make_step(config, data, mesh)
-    batch = {"index": jax.device_put(idx, step_lib.NamedSharding(mesh, step_lib.P(None, "data"))),
+    batch = {"index": jax.device_put(idx, sharded(mesh, None, "data")),
              "pool_image": jax.device_put(data.train_images, st.replicated),
              "pool_label": jax.device_put(data.train_labels, st.replicated)}
     state, metrics = st.train_step(st.init_state(), batch, {})
@@ -202,16 +204,16 @@ def test_seed_strategies_unrolled_seeds_equal_single_seed_runs(idx_dir):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  first(out["unroll"], 1), first(single, 0))
     assert not np.allclose(out["unroll"][1]["train/loss"][0], out["unroll"][1]["train/loss"][1])
-    assert make_step(tiny_config(idx_dir, num_seeds=2), data, step_lib.data_mesh()
+    assert make_step(tiny_config(idx_dir, num_seeds=2), data, data_mesh()
                      ).seed_strategy() == "unroll"  # auto, on CPU
     # evaluation of every seed: the same numbers either way
     from at_jax import evaluate
-    st = make_step(tiny_config(idx_dir, num_seeds=2), data, step_lib.data_mesh())
+    st = make_step(tiny_config(idx_dir, num_seeds=2), data, data_mesh())
     state = st.init_state()
     got = [evaluate.evaluate(evaluate.make_eval_fn(st.model, data.mean, data.std, seeds=2,
                                                    seed_strategy=strategy),
                              evaluate.student_variables(state),
-                             evaluate.array_batches(data.test_images, data.test_labels, 64))
+                             array_batches(data.test_images, data.test_labels, 64))
            for strategy in ("vmap", "unroll")]
     for key in ("error", "top5_error"):
         assert got[0][key].shape == (2,)
@@ -275,11 +277,12 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
 
 
 def test_method_configs_compose_terms():
-    from configs import cifar10, cifar100, fashion_mnist, methods
+    from at_jax import recipes
+    from configs import cifar10, cifar100, fashion_mnist
     for module in (cifar10, cifar100, fashion_mnist):
-        for method in methods.METHODS:
+        for method in recipes.METHODS:
             config = module.get_config(method)
-            from at_jax.losses import validate_terms
+            from at_jax.objective import validate_terms
             active = validate_terms(dict(config.loss))
             assert active, method
     config = cifar10.get_config("at_kd_decay")

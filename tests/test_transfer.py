@@ -22,8 +22,9 @@ else:
 
 from at_jax import convert, finetune, runs, step as step_lib, train  # noqa: E402
 from at_jax.data import open_data  # noqa: E402
-from at_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from at_jax.models import forward  # noqa: E402
+from at_jax.sharding import data_mesh  # noqa: E402
 from configs import imagenet, transfer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -101,7 +102,7 @@ def test_converted_run_is_a_teacher_with_torchs_test_error(converted, folder, tm
     small(config, folder, "imagefolder", teacher=str(root / "run"), init_from="")
     results = train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
     # the teacher's error, as torch computes it on the same evaluation images
-    data = open_data(config, step_lib.data_mesh())
+    data = open_data(config, data_mesh())
     wrong = wrong5 = 0
     for batch in data.eval_batches():
         images = (np.asarray(batch["image"]) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD

@@ -17,7 +17,11 @@ import time
 
 from absl import app, flags
 
+from at_jax import recipes
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
+from at_jax.data import sources
+from at_jax.data.pipeline import StreamedData
+from at_jax.sharding import data_mesh
 
 FLAGS = flags.FLAGS
 
@@ -38,10 +42,6 @@ def define_flags() -> None:
 
 def run(data_dir: str, image_size: int, batch: int, steps: int, workers: int,
         warmup: int = 3, read_threads: int = 1) -> dict:
-    from at_jax import recipes
-    from at_jax.data import sources
-    from at_jax.data.pipeline import StreamedData
-    from at_jax.step import data_mesh
     train_dir = os.path.join(data_dir, "train")
     # an image-folder root, or a bare folder of classes (what torch_input_reference.py takes)
     train, classes = sources.class_folder(train_dir if os.path.isdir(train_dir) else data_dir)

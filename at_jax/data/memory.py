@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from at_jax.data import load_dataset
-from at_jax.evaluate import array_batches, eval_batch_size, global_array
+from at_jax.data.batching import array_batches, eval_batch_size
+from at_jax.data.catalog import load_dataset
+from at_jax.sharding import global_array, replicated, sharded
+
+__all__ = ["InMemoryData", "epoch_indices"]
 
 
 def epoch_indices(config, epoch: int, n_train: int, steps: int) -> np.ndarray:
@@ -41,16 +44,16 @@ class InMemoryData:
 
     def _pool_arrays(self) -> dict:
         if self._pool is None:
-            replicated = NamedSharding(self.mesh, P())
-            self._pool = {"pool_image": global_array(self.dataset.train_images, replicated),
-                          "pool_label": global_array(self.dataset.train_labels, replicated)}
+            everywhere = replicated(self.mesh)
+            self._pool = {"pool_image": global_array(self.dataset.train_images, everywhere),
+                          "pool_label": global_array(self.dataset.train_labels, everywhere)}
         return self._pool
 
     def train_batches(self, start_step: int) -> Iterator[dict]:
         """Global batches ``{"index": (seeds, B), "pool_image", "pool_label"}`` from
         ``start_step`` to the end of the run."""
         steps = self.steps_per_epoch
-        sharding = NamedSharding(self.mesh, P(None, None, "data"))
+        sharding = sharded(self.mesh, None, None, "data")
         pool = self._pool_arrays()
         for epoch in range(start_step // steps + 1, int(self.config.num_epochs) + 1):
             idx = global_array(epoch_indices(self.config, epoch, self.n_train, steps), sharding)

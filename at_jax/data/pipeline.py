@@ -34,11 +34,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from at_jax.data import sources as sources_lib
+from at_jax.data.batching import eval_batch_size
+from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
 from at_jax.data.transforms import EvalRecord, TrainTransform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TFDS_CLASSES = {"imagenet2012": 1000, "caltech_birds2011": 200}
 
 
 class DeviceIterator:
@@ -158,7 +157,7 @@ class StreamedData:
         if data.test_size:
             test = sources_lib.Subset(test, min(int(data.test_size), len(test)))
         self.train_source, self.test_source = train, test
-        self.num_classes = len(classes) if classes else TFDS_CLASSES[data.name]
+        self.num_classes = len(classes) if classes else STREAMED_CLASSES[data.name]
         self.class_names = classes
         self.image_shape = (int(data.image_size), int(data.image_size), 3)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
@@ -214,7 +213,6 @@ class StreamedData:
                               self.config.data.prefetch)
 
     def eval_batch_size(self) -> int:
-        from at_jax.evaluate import eval_batch_size
         size = eval_batch_size(self.config.eval_batch_size, self.n_test, self.mesh.size)
         step = math.lcm(self.mesh.size, jax.process_count())
         return max(step, size - size % step)

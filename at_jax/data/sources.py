@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from at_jax.data.tfds_source import data_source
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 LAYOUTS = {
@@ -203,7 +205,6 @@ class TfdsSource:
     """A TFDS split through ``tfds.data_source`` as records (images decoded by TFDS)."""
 
     def __init__(self, name: str, split: str, data_dir: Optional[str]):
-        from at_jax.data.tfds_source import data_source
         self.name, self.split, self.data_dir = name, split, data_dir
         self.source = data_source(name, split, data_dir)
         self.description = f"tfds:{name}/{split}"

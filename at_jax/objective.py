@@ -1,0 +1,287 @@
+"""The training objective as a weighted sum of named terms: :func:`make_objective`,
+:func:`register_term`.
+
+A term is ``term(out: StepOutputs, **options) -> scalar``, registered under a name; a config
+names the terms and their weights (``config.loss``), and the train step computes
+``Σ weight · term``. Built-in terms: ``ce``, ``kd``, ``at``, ``factt`` (on the array functions
+of :mod:`at_jax.losses`) and ``grad_at``, ``min_l2``, ``symmetry`` (on :mod:`at_jax.gradient`).
+Adding a distillation method means writing one such function and naming it in a config::
+
+    @register_term("my_term", needs_teacher=True)
+    def my_term(out: StepOutputs, scale: float = 1.0):
+        return scale * jnp.mean((out.student_logits - out.teacher_logits) ** 2)
+
+A term that owns trainable parameters registers a module factory (``module=``): the step
+initialises it, trains its parameters with the student's (``params["terms"][name]``) and hands
+it to the term as ``out.term_module(name)`` — F-ActT's 1×1 adapters (:class:`FActTAdapters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from at_jax import gradient, losses
+
+__all__ = ["make_objective", "register_term", "StepOutputs", "validate_terms", "needs_teacher",
+           "term_modules", "term_options", "term_names", "FActTAdapters", "WEIGHT_SCHEDULES"]
+
+
+@dataclasses.dataclass
+class StepOutputs:
+    """What a train step computed, handed to every loss term.
+
+    ``student_acts``/``teacher_acts`` map activation names to arrays. ``student_fn`` and
+    ``teacher_fn`` are ``x -> logits`` of the two networks for the input-gradient terms
+    (the student's with batch norm as ``config.gradient.bn_mode``; the teacher in eval mode).
+    ``term_modules`` maps the name of a term that owns parameters to its module applied with the
+    current parameters (``out.term_module("factt")(acts)``). ``weight_scale`` is the multiplier
+    for terms whose weight follows the learning-rate schedule; ``epoch`` (1-based) switches on
+    terms with a ``start_epoch``.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    student_logits: jax.Array
+    student_acts: Mapping[str, jax.Array]
+    teacher_logits: Optional[jax.Array] = None
+    teacher_acts: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+    student_fn: Optional[Callable[[jax.Array], jax.Array]] = None
+    teacher_fn: Optional[Callable[[jax.Array], jax.Array]] = None
+    term_modules: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    weight_scale: jax.Array | float = 1.0
+    epoch: jax.Array | int = 1
+
+    def term_module(self, name: str) -> Optional[Callable]:
+        """The parameterised module of term ``name`` (bound to its parameters), or None."""
+        return self.term_modules.get(name)
+
+    def require_teacher(self, term: str) -> None:
+        if self.teacher_logits is None:
+            raise ValueError(f"loss term {term!r} needs a teacher: set config.teacher.workdir")
+
+    def require_student_fn(self, term: str) -> Callable[[jax.Array], jax.Array]:
+        if self.student_fn is None:
+            raise ValueError(f"loss term {term!r} needs the student as a function of its input "
+                             "(StepOutputs.student_fn)")
+        return self.student_fn
+
+
+TermFn = Callable[..., jax.Array]
+# module(student_acts, teacher_acts, **options) -> flax module or None; acts may be shape structs
+ModuleFactory = Callable[..., Optional[nn.Module]]
+_TERMS: dict[str, TermFn] = {}
+_MODULES: dict[str, ModuleFactory] = {}
+_TEACHER_TERMS: set[str] = set()
+WEIGHT_SCHEDULES = ("constant", "lr")
+_SPEC_KEYS = ("weight", "weight_schedule", "start_epoch")
+
+
+def register_term(name: str, needs_teacher: bool = False,
+                  module: Optional[ModuleFactory] = None) -> Callable[[TermFn], TermFn]:
+    """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``.
+
+    A term that owns trainable parameters (F-ActT's adapters) passes ``module``: a function of the
+    student's and teacher's activations (shapes) and the term's options that returns a flax
+    module (or None when none is needed). The train step initialises it on the student's
+    activations, trains its ``params`` with the student's (``params['terms'][name]``), and hands
+    it to the term as ``out.term_module(name)``.
+    """
+    def wrap(fn: TermFn) -> TermFn:
+        _TERMS[name] = fn
+        if needs_teacher:
+            _TEACHER_TERMS.add(name)
+        if module is not None:
+            _MODULES[name] = module
+        return fn
+    return wrap
+
+
+def term_names() -> list[str]:
+    """The registered terms' names."""
+    return sorted(_TERMS)
+
+
+def term_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A term's own options (without ``weight``, ``weight_schedule`` and ``start_epoch``)."""
+    return {k: v for k, v in options.items() if k not in _SPEC_KEYS}
+
+
+def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Check an objective spec ``{term: {'weight': w, 'weight_schedule': s, 'start_epoch': e,
+    **options}}`` and return its active terms (weight ≠ 0).
+
+    A term with ``start_epoch`` e > 1 counts from epoch e on (Table 5 adds AT at epoch 60 of
+    100); before that its weight is 0 (its value is still measured). Raises ``ValueError``
+    naming the unknown term or option.
+    """
+    active = {}
+    for name, options in spec.items():
+        options = dict(options)
+        if name not in _TERMS:
+            raise ValueError(f"unknown loss term {name!r}; known terms: {', '.join(term_names())}")
+        weight = options.get("weight", 1.0)
+        if not isinstance(weight, (int, float)):
+            raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
+        schedule = options.get("weight_schedule", "constant")
+        if schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(f"loss term {name!r}: weight_schedule must be one of "
+                             f"{WEIGHT_SCHEDULES}, got {schedule!r}")
+        params = inspect.signature(_TERMS[name]).parameters
+        unknown = [k for k in options if k not in _SPEC_KEYS and k not in params]
+        if unknown:
+            allowed = [k for k in params if k != "out"] + list(_SPEC_KEYS)
+            raise ValueError(f"loss term {name!r} has no option(s) {unknown}; options: {allowed}")
+        start = options.get("start_epoch", 0)
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"loss term {name!r}: start_epoch must be an integer >= 0 (0 or 1: "
+                             f"from the start), got {start!r}")
+        if weight != 0:
+            active[name] = options
+    if not active:
+        raise ValueError("the objective has no term with a non-zero weight")
+    return active
+
+
+def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether an active term of ``spec`` needs a teacher."""
+    return any(name in _TEACHER_TERMS for name in validate_terms(spec))
+
+
+def term_modules(spec: Mapping[str, Mapping[str, Any]], student_acts: Mapping[str, Any],
+                 teacher_acts: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """The parameterised modules of the active terms of ``spec``, by term name."""
+    modules = {}
+    for name, options in validate_terms(spec).items():
+        if name in _MODULES:
+            module = _MODULES[name](student_acts, teacher_acts, **term_options(options))
+            if module is not None:
+                modules[name] = module
+    return modules
+
+
+def make_objective(spec: Mapping[str, Mapping[str, Any]]
+                   ) -> Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]:
+    """Compose named, weighted terms into ``objective(out) -> (loss, measurements)``.
+
+    ``measurements`` holds every term's unweighted value under its name and the total as
+    ``loss``. Example::
+
+        objective = make_objective({"kd": {"weight": 1.0, "temperature": 4.0, "alpha": 0.9},
+                                    "at": {"weight": 1e3, "pairs": "groups"}})
+        loss, measurements = objective(step_outputs)
+    """
+    active = validate_terms(spec)
+
+    def objective(out: StepOutputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        total = jnp.zeros((), jnp.float32)
+        measurements = {}
+        for name, options in active.items():
+            value = _TERMS[name](out, **term_options(options))
+            weight = options.get("weight", 1.0)
+            if options.get("weight_schedule", "constant") == "lr":
+                weight = weight * out.weight_scale
+            if options.get("start_epoch", 0) > 1:
+                weight = jnp.where(out.epoch >= options["start_epoch"], weight, 0.0)
+            total = total + weight * value
+            measurements[name] = value
+        measurements["loss"] = total
+        return total, measurements
+
+    return objective
+
+
+# --------------------------------------------------------------------------- the built-in terms
+
+@register_term("ce")
+def ce_term(out: StepOutputs) -> jax.Array:
+    """Cross-entropy with the labels."""
+    return losses.cross_entropy(out.student_logits, out.labels)
+
+
+@register_term("kd", needs_teacher=True)
+def kd_term(out: StepOutputs, temperature: float = 4.0, alpha: float = 0.9,
+            legacy: bool = False) -> jax.Array:
+    """:func:`at_jax.losses.kd_loss`."""
+    out.require_teacher("kd")
+    assert out.teacher_logits is not None
+    return losses.kd_loss(out.student_logits, out.teacher_logits, out.labels, temperature,
+                          alpha, legacy)
+
+
+@register_term("at", needs_teacher=True)
+def at_term(out: StepOutputs, p: float = 2.0, reduce: str = "mean", mode: str = "code",
+            normalize: Optional[str] = "l2", pairs: losses.Pairs = "groups") -> jax.Array:
+    """The total of :func:`at_jax.losses.at_losses` (the reference's ``sum(at_losses)``)."""
+    out.require_teacher("at")
+    return losses.at_losses(out.student_acts, out.teacher_acts, pairs, p=p, reduce=reduce,
+                            mode=mode, normalize=normalize)[0]
+
+
+class FActTAdapters(nn.Module):
+    """1×1 conv adapters from student to teacher channels, one per transfer point that needs it.
+
+    ``channels`` maps a student activation name to the teacher's channel count. The ``factt``
+    term owns these parameters (registered with ``module=``): they are trained with the student,
+    under ``params['terms']['factt']``.
+    """
+
+    channels: Mapping[str, int]
+
+    @nn.compact
+    def __call__(self, acts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        out = dict(acts)
+        for name, c in self.channels.items():
+            out[name] = nn.Conv(c, (1, 1), use_bias=False, name=name.replace("/", "_"))(acts[name])
+        return out
+
+
+def factt_adapters(student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any],
+                   pairs: losses.Pairs = "groups") -> Optional[FActTAdapters]:
+    """1×1 adapters for the F-ActT pairs whose channel counts differ (None if all match)."""
+    if not teacher_acts:
+        return None
+    channels = {s: teacher_acts[t].shape[-1]
+                for s, t in losses.pair_activations(student_acts, teacher_acts, pairs)
+                if student_acts[s].shape[-1] != teacher_acts[t].shape[-1]}
+    return FActTAdapters(channels) if channels else None
+
+
+@register_term("factt", needs_teacher=True, module=factt_adapters)
+def factt_term(out: StepOutputs, pairs: losses.Pairs = "groups") -> jax.Array:
+    """Σ over paired activations of :func:`at_jax.losses.factt_loss` on adapted student
+    activations."""
+    out.require_teacher("factt")
+    adapt = out.term_module("factt")
+    adapted = adapt(out.student_acts) if adapt is not None else out.student_acts
+    return sum((losses.factt_loss(adapted[s], out.teacher_acts[t])
+                for s, t in losses.pair_activations(out.student_acts, out.teacher_acts, pairs)),
+               jnp.zeros((), jnp.float32))
+
+
+@register_term("grad_at", needs_teacher=True)
+def grad_at_term(out: StepOutputs, squared: bool = True) -> jax.Array:
+    """:func:`at_jax.gradient.grad_at_loss` (eq. 4)."""
+    out.require_teacher("grad_at")
+    assert out.teacher_fn is not None
+    return gradient.grad_at_loss(out.require_student_fn("grad_at"), out.teacher_fn, out.images,
+                                 out.labels, squared=squared)
+
+
+@register_term("min_l2")
+def min_l2_term(out: StepOutputs, squared: bool = True) -> jax.Array:
+    """:func:`at_jax.gradient.min_l2_loss` (double backprop)."""
+    return gradient.min_l2_loss(out.require_student_fn("min_l2"), out.images, out.labels,
+                                squared=squared)
+
+
+@register_term("symmetry")
+def symmetry_term(out: StepOutputs, squared: bool = True) -> jax.Array:
+    """:func:`at_jax.gradient.symmetry_loss` (eq. 6)."""
+    return gradient.symmetry_loss(out.require_student_fn("symmetry"), out.images, out.labels,
+                                  squared=squared)
