@@ -30,6 +30,13 @@ in bfloat16 (parameters, optimizer and BN statistics stay float32), for GPUs and
 on any image folder is one command: ``--config.data.image_size=64 --config.model=resnet-tiny
 --config.batch_size=32 --config.num_epochs=2``.
 
+β and device count: at_jax computes each AT term once over the global batch, whatever the number
+of devices, so β means the same on 1 GPU or a pod. The authors' multi-GPU code (``--ngpu k``;
+their ImageNet command uses ``--ngpu 2``) computes the AT terms on each GPU's share of the batch
+and adds the k values, so its effective β is k times the configured 1e3: their ImageNet run
+trained with β = 2e3 in at_jax's terms (``--config.loss.at.weight=2000``, on any device count).
+Their batch-norm statistics were per GPU (128 images) too; at_jax's are over the global batch.
+
 Recipe (the reference ImageNet code): SGD momentum 0.9, lr 0.1 per 256 images
 (``optimizer.lr_batch_size=256``: the run uses lr × batch_size / 256, so ``--config.batch_size``
 alone rescales it), weight decay 1e-4, 100 epochs, lr × 0.1 at 30/60/90, batch 256. Paper

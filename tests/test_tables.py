@@ -26,6 +26,9 @@ def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir
     text = (tmp_path / "table1_fashion_mnist.md").read_text()
     for column in row:
         assert column in text
+    # the paper's CIFAR-10 numbers are a labelled reference row, not brackets or dashes
+    assert "[–]" not in text and "| the paper, CIFAR-10 (reference) | 6.31 | 8.77 | 7.93 |" \
+        in text and "a reference from another dataset" in text
     saved = json.loads((tmp_path / "table1_fashion_mnist.json").read_text())
     assert saved["cells"]["wrn-16-1,wrn-16-2"]["KD"]["seeds"] == row["KD"]["seeds"]
     png = (tmp_path / "table1_fashion_mnist_curves.png").read_bytes()

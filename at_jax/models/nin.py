@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from at_jax.precision import upcast
-from at_jax.models.common import BN_MOMENTUM, bn_scale_initializer
+from at_jax.models.common import batch_norm
 
 WIDE_WIDTHS = (192, 160, 96, 192, 192, 192, 192, 192)
 THIN_WIDTHS = tuple(w // 2 for w in WIDE_WIDTHS)
@@ -73,10 +73,8 @@ class NIN(nn.Module):
                             kernel_init=weight_init, name=f"block{b}_conv{j}", dtype=self.dtype)(x)
                 if self.batch_norm:
                     bn_train = train and not self.frozen_batch_norm
-                    x = nn.BatchNorm(use_running_average=not bn_train, momentum=BN_MOMENTUM,
-                                     epsilon=BN_EPSILON, scale_init=bn_scale_initializer(
-                                         self.bn_scale_init), name=f"block{b}_bn{j}",
-                                     dtype=self.dtype)(x)
+                    x = batch_norm(bn_train, f"block{b}_bn{j}", self.dtype,
+                                   self.bn_scale_init, epsilon=BN_EPSILON)(x)
                 if j < 2 or self.relu_before_pool:
                     x = nn.relu(x)
             self.sow("intermediates", f"block{b}", x)
