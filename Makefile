@@ -1,7 +1,9 @@
 # The two commands a user runs on a fresh machine:
 #   make demo   real Fashion-MNIST experiment (teacher, student, AT, KD, AT+KD) with a result table
-#   make test   the test suite
+#   make test   the checks (lint, format, types, import layers) and the test suite
 # Both create the virtual environment and fetch the offline Fashion-MNIST files if needed.
+# Also: make lint (the checks alone), make fmt (fix what ruff can, format), make docs (the API
+# reference in docs/_build/html).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +12,9 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 WORKDIR ?= runs/demo
 
-.PHONY: demo test data bench clean
+.PHONY: demo test lint fmt docs data bench clean
+
+SOURCES := at_jax configs experiments tests
 
 # The tests also read PyTorch-written checkpoints (at_jax.convert): TORCH is the pip requirement
 # for them (here, the CPU wheel on local disk). `make test TORCH=` leaves torch out: those tests
@@ -38,8 +42,23 @@ $(FMNIST):
 
 data: $(FMNIST)
 
-test: $(VENV)/.installed $(VENV)/.torch $(FMNIST)
+test: lint $(VENV)/.torch $(FMNIST)
 	AT_JAX_REQUIRE_TORCH=$(if $(TORCH),1,) $(PY) -m pytest -q tests
+
+# ruff (lint and format), mypy, and the import layers of pyproject.toml (import-linter)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+fmt: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix $(SOURCES)
+	$(VENV)/bin/ruff format $(SOURCES)
+
+# The API reference (Sphinx: autodoc, napoleon, MyST); warnings are errors
+docs: $(VENV)/.installed
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 demo: $(VENV)/.installed $(FMNIST)
 	$(PY) -m experiments.demo --workdir $(WORKDIR) --data_dir $(FMNIST_DIR)
@@ -48,4 +67,4 @@ bench: $(VENV)/.installed
 	$(PY) -m at_jax.bench --student wrn-16-1 --teacher wrn-16-2 --method at --batch 128 --steps 50
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs docs/_build

@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",
-        "flax>=0.10",
+        "flax>=0.12",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
         "ml-collections>=0.1.1",
@@ -24,6 +24,17 @@ setup(
     extras_require={
         "tfds": ["tensorflow-datasets>=4.9.4"],
         "viz": ["matplotlib>=3.7"],
-        "dev": ["pytest>=8", "tensorflow-datasets>=4.9.4", "matplotlib>=3.7"],
+        "dev": [
+            "pytest>=8",
+            "tensorflow-datasets>=4.9.4",
+            "matplotlib>=3.7",
+            # lint, format, types and layers: pinned, so that CI checks what developers check
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "import-linter==2.17",
+            # the API reference (make docs)
+            "sphinx>=8,<10",
+            "myst-parser>=4",
+        ],
     },
 )

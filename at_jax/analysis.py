@@ -16,7 +16,8 @@ maps; orthogonal maps give sqrt(2). It works for any pair of models given as fun
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -42,13 +43,20 @@ def as_model_fn(model: Any) -> ModelFn:
         return lambda x: forward(module, variables, x)[:2]
     if callable(model):
         return model
-    raise TypeError("a model here is a function x -> (logits, acts) (at_jax.capture.model_fn, "
-                    f"a Teacher) or an at_jax (module, variables) pair; got {type(model).__name__}")
+    raise TypeError(
+        "a model here is a function x -> (logits, acts) (at_jax.capture.model_fn, "
+        f"a Teacher) or an at_jax (module, variables) pair; got {type(model).__name__}"
+    )
 
 
-def pair_distances(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, jax.Array],
-                   pairs: Pairs = "groups", p: float = 2.0, reduce: str = "mean",
-                   channel_axis: int = -1) -> dict[str, jax.Array]:
+def pair_distances(
+    student_acts: Mapping[str, jax.Array],
+    teacher_acts: Mapping[str, jax.Array],
+    pairs: Pairs = "groups",
+    p: float = 2.0,
+    reduce: str = "mean",
+    channel_axis: int = -1,
+) -> dict[str, jax.Array]:
     """Per example, ``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2`` for each paired transfer point, keyed
     ``"student<-teacher"`` (the larger map average-pooled to the smaller where they differ)."""
     out = {}
@@ -60,11 +68,20 @@ def pair_distances(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[
     return out
 
 
-def attention_distance(student: Any, teacher: Any, images: np.ndarray, mean: Any = None,
-                       std: Any = None, pairs: Pairs = "groups", p: float = 2.0,
-                       reduce: str = "mean", batch_size: int = 500, *,
-                       preprocess: Optional[Callable[[Any], Any]] = None,
-                       channel_axis: int = -1) -> dict[str, float]:
+def attention_distance(
+    student: Any,
+    teacher: Any,
+    images: np.ndarray,
+    mean: Any = None,
+    std: Any = None,
+    pairs: Pairs = "groups",
+    p: float = 2.0,
+    reduce: str = "mean",
+    batch_size: int = 500,
+    *,
+    preprocess: Optional[Callable[[Any], Any]] = None,
+    channel_axis: int = -1,
+) -> dict[str, float]:
     """Mean l2 distance between the normalised attention maps of a student and its teacher.
 
     Args:
@@ -94,6 +111,7 @@ def attention_distance(student: Any, teacher: Any, images: np.ndarray, mean: Any
         raise ValueError("give mean/std or preprocess, not both")
     student_fn, teacher_fn = as_model_fn(student), as_model_fn(teacher)
     if mean is not None:
+
         def preprocess(x: jax.Array) -> jax.Array:
             return normalize(x, mean, std)
 
@@ -108,10 +126,9 @@ def attention_distance(student: Any, teacher: Any, images: np.ndarray, mean: Any
 
     totals: Optional[dict] = None
     for start in range(0, len(images), batch_size):
-        sums = jax.device_get(batch_sums(jnp.asarray(images[start:start + batch_size])))
+        sums = jax.device_get(batch_sums(jnp.asarray(images[start : start + batch_size])))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     assert totals is not None
     result = {k: float(v) / len(images) for k, v in totals.items()}
     result["mean"] = float(np.mean(list(result.values())))
     return result
-

@@ -27,8 +27,16 @@ import jax.numpy as jnp
 
 from at_jax.precision import upcast
 
-__all__ = ["attention_map", "spatial_map", "normalize_rows", "pool_map", "common_size",
-           "EPSILON", "REDUCTIONS", "NORMALIZATIONS"]
+__all__ = [
+    "attention_map",
+    "spatial_map",
+    "normalize_rows",
+    "pool_map",
+    "common_size",
+    "EPSILON",
+    "REDUCTIONS",
+    "NORMALIZATIONS",
+]
 
 EPSILON = 1e-12
 REDUCTIONS = ("sum", "mean", "max")
@@ -47,16 +55,21 @@ def _check_options(p: float, reduce: str, normalize: Optional[str]) -> None:
 def channels_last(a: jax.Array, channel_axis: int = -1) -> jax.Array:
     """``a`` (4-D: a batch of feature maps) with its channel axis moved last (NHWC)."""
     if a.ndim != 4:
-        raise ValueError(f"attention maps take a batch of feature maps (4 dims: NHWC, or NCHW "
-                         f"with channel_axis=1), got shape {tuple(a.shape)}")
+        raise ValueError(
+            f"attention maps take a batch of feature maps (4 dims: NHWC, or NCHW "
+            f"with channel_axis=1), got shape {tuple(a.shape)}"
+        )
     if not -4 <= channel_axis < 4 or channel_axis in (0, -4):
-        raise ValueError(f"channel_axis must name one of the axes 1-3 (or -1..-3) of a 4-D "
-                         f"batch, got {channel_axis}")
+        raise ValueError(
+            f"channel_axis must name one of the axes 1-3 (or -1..-3) of a 4-D "
+            f"batch, got {channel_axis}"
+        )
     return a if channel_axis in (-1, 3) else jnp.moveaxis(a, channel_axis, -1)
 
 
-def spatial_map(a: jax.Array, p: float = 2.0, reduce: str = "mean",
-                channel_axis: int = -1) -> jax.Array:
+def spatial_map(
+    a: jax.Array, p: float = 2.0, reduce: str = "mean", channel_axis: int = -1
+) -> jax.Array:
     """Unnormalised 2-D attention: (B, H, W, C) -> (B, H, W) of reduce_c |a_c|^p (at least
     float32). ``channel_axis=1`` takes (B, C, H, W)."""
     _check_options(p, reduce, None)
@@ -82,8 +95,8 @@ def common_size(a_shape: tuple, b_shape: tuple, channel_axis: int = -1) -> tuple
     Raises ``ValueError`` naming both shapes and ``channel_axis`` otherwise.
     """
     spatial = [i for i in range(4) if i not in (0, channel_axis % 4)]
-    a_hw = tuple(int(a_shape[i]) for i in spatial)
-    b_hw = tuple(int(b_shape[i]) for i in spatial)
+    a_hw = (int(a_shape[spatial[0]]), int(a_shape[spatial[1]]))
+    b_hw = (int(b_shape[spatial[0]]), int(b_shape[spatial[1]]))
     if a_hw == b_hw:
         return a_hw
     small, large = sorted((a_hw, b_hw), key=lambda hw: hw[0] * hw[1])
@@ -93,7 +106,8 @@ def common_size(a_shape: tuple, b_shape: tuple, channel_axis: int = -1) -> tuple
             f"cannot compare feature maps of shapes {tuple(a_shape)} and {tuple(b_shape)} with "
             f"channel_axis={channel_axis}: their spatial sizes {a_hw} and {b_hw} are not the "
             "same integer multiple of each other in height and width. Check the layout (NCHW "
-            "arrays need channel_axis=1) and that the two points are at comparable depths.")
+            "arrays need channel_axis=1) and that the two points are at comparable depths."
+        )
     return small
 
 
@@ -107,14 +121,22 @@ def pool_map(m: jax.Array, size: tuple[int, int]) -> jax.Array:
     if (h, w) == (th, tw):
         return m
     if h % th or w % tw or h // th != w // tw:
-        raise ValueError(f"cannot pool a {h}x{w} map to {th}x{tw}: not the same integer factor "
-                         "in height and width")
+        raise ValueError(
+            f"cannot pool a {h}x{w} map to {th}x{tw}: not the same integer factor "
+            "in height and width"
+        )
     return m.reshape(b, th, h // th, tw, w // tw).mean(axis=(2, 4))
 
 
-def attention_map(a: jax.Array, p: float = 2.0, reduce: str = "mean",
-                  normalize: Optional[str] = "l2", *, size: Optional[tuple[int, int]] = None,
-                  channel_axis: int = -1) -> jax.Array:
+def attention_map(
+    a: jax.Array,
+    p: float = 2.0,
+    reduce: str = "mean",
+    normalize: Optional[str] = "l2",
+    *,
+    size: Optional[tuple[int, int]] = None,
+    channel_axis: int = -1,
+) -> jax.Array:
     """Attention map of a batch of feature maps as (B, H*W) rows (paper §3.1; reference
     ``at(x)``).
 
@@ -138,5 +160,5 @@ def attention_map(a: jax.Array, p: float = 2.0, reduce: str = "mean",
     _check_options(p, reduce, normalize)
     m = spatial_map(a, p, reduce, channel_axis)
     if size is not None:
-        m = pool_map(m, tuple(size))
+        m = pool_map(m, (int(size[0]), int(size[1])))
     return normalize_rows(m.reshape(m.shape[0], -1), normalize)

@@ -24,8 +24,14 @@ from at_jax.models import get_model
 from at_jax.sharding import sharded
 
 METHODS = {
-    "ce": "student", "at": "at", "kd": "kd", "at_kd": "at_kd", "factt": "factt",
-    "grad_at": None, "min_l2": None, "symmetry": None,
+    "ce": "student",
+    "at": "at",
+    "kd": "kd",
+    "at_kd": "at_kd",
+    "factt": "factt",
+    "grad_at": None,
+    "min_l2": None,
+    "symmetry": None,
 }
 
 FLAGS = flags.FLAGS
@@ -36,19 +42,28 @@ flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up step).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("seeds", 1, "Independent students trained in one program.")
-flags.DEFINE_enum("seed_strategy", "auto", ["auto", "vmap", "unroll"],
-                  "How the seeds share the program (auto: unroll on CPU, vmap elsewhere).")
+flags.DEFINE_enum(
+    "seed_strategy",
+    "auto",
+    ["auto", "vmap", "unroll"],
+    "How the seeds share the program (auto: unroll on CPU, vmap elsewhere).",
+)
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("dataset_size", 4096, "Synthetic in-memory training images.")
-flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
-                    "JAX's persistent compilation cache ('' = off; compile_s is then a load).")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    default_cache_dir(),
+    "JAX's persistent compilation cache ('' = off; compile_s is then a load).",
+)
 
 
-def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int,
-                 seed_strategy: str = "auto"):
+def bench_config(
+    method: str, student: str, batch: int, dtype: str, seeds: int, seed_strategy: str = "auto"
+):
     config = recipes.base_config()
-    if METHODS[method] is not None:
-        recipes.apply_method(config, METHODS[method], "")
+    named = METHODS[method]
+    if named is not None:
+        recipes.apply_method(config, named, "")
     else:
         config.loss[method].weight = 1.0
     config.model = student
@@ -59,25 +74,47 @@ def bench_config(method: str, student: str, batch: int, dtype: str, seeds: int,
     return config
 
 
-def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, image_size=32,
-        dataset_size=4096, seed_strategy="auto") -> dict:
+def run(
+    method,
+    student,
+    teacher_name,
+    batch,
+    steps,
+    dtype="float32",
+    seeds=1,
+    image_size=32,
+    dataset_size=4096,
+    seed_strategy="auto",
+) -> dict:
     config = bench_config(method, student, batch, dtype, seeds, seed_strategy)
     shape = (image_size, image_size, 3)
     t_model, t_vars = None, {}
     if method != "ce" and method not in ("min_l2", "symmetry"):
         t_model = get_model(teacher_name, num_classes=10)
-        t_vars = t_model.init(jax.random.key(1), jnp.zeros((1,) + shape))
-    st = step_lib.Step(config, 10, shape, CIFAR_MEAN, CIFAR_STD, dataset_size // batch, t_model,
-                       t_vars)
+        t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))
+    st = step_lib.Step(
+        config, 10, shape, CIFAR_MEAN, CIFAR_STD, dataset_size // batch, t_model, t_vars
+    )
     t_vars = jax.device_put(t_vars, st.replicated)
     rng = np.random.default_rng(0)
-    pool = {"pool_image": jax.device_put(rng.integers(0, 256, (dataset_size,) + shape,
-                                                      dtype=np.uint8), st.replicated),
-            "pool_label": jax.device_put(rng.integers(0, 10, dataset_size).astype(np.int32),
-                                         st.replicated)}
+    pool = {
+        "pool_image": jax.device_put(
+            rng.integers(0, 256, (dataset_size, *shape), dtype=np.uint8), st.replicated
+        ),
+        "pool_label": jax.device_put(
+            rng.integers(0, 10, dataset_size).astype(np.int32), st.replicated
+        ),
+    }
     index_sharding = sharded(st.mesh, None, "data")
-    batches = [{"index": jax.device_put(rng.integers(0, dataset_size, (seeds, batch)).astype(
-        np.int32), index_sharding), **pool} for _ in range(8)]
+    batches = [
+        {
+            "index": jax.device_put(
+                rng.integers(0, dataset_size, (seeds, batch)).astype(np.int32), index_sharding
+            ),
+            **pool,
+        }
+        for _ in range(8)
+    ]
     state = st.init_state()
     t0 = time.perf_counter()
     compiled = st.train_step.lower(state, batches[0], t_vars).compile()
@@ -89,21 +126,40 @@ def run(method, student, teacher_name, batch, steps, dtype="float32", seeds=1, i
         state, metrics = compiled(state, batches[i % len(batches)], t_vars)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - t0
-    return {"images_per_s": steps * batch * seeds / elapsed, "step_ms": 1000 * elapsed / steps,
-            "compile_s": compile_s, "device": jax.devices()[0].device_kind,
-            "num_devices": len(jax.devices()), "method": method, "student": student,
-            "teacher": teacher_name if t_model else None, "batch": batch, "dtype": dtype,
-            "seeds": seeds, "seed_strategy": st.seed_strategy() if seeds > 1 else "single",
-            "steps": steps, "image_size": image_size}
+    return {
+        "images_per_s": steps * batch * seeds / elapsed,
+        "step_ms": 1000 * elapsed / steps,
+        "compile_s": compile_s,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": len(jax.devices()),
+        "method": method,
+        "student": student,
+        "teacher": teacher_name if t_model else None,
+        "batch": batch,
+        "dtype": dtype,
+        "seeds": seeds,
+        "seed_strategy": st.seed_strategy() if seeds > 1 else "single",
+        "steps": steps,
+        "image_size": image_size,
+    }
 
 
 def main(argv):
     del argv
     devices.use_cpu_cores(FLAGS.batch)
     cache = use_compilation_cache(FLAGS.compilation_cache_dir)
-    result = run(FLAGS.method, FLAGS.student, FLAGS.teacher, FLAGS.batch, FLAGS.steps,
-                 FLAGS.dtype, FLAGS.seeds, FLAGS.image_size, FLAGS.dataset_size,
-                 FLAGS.seed_strategy)
+    result = run(
+        FLAGS.method,
+        FLAGS.student,
+        FLAGS.teacher,
+        FLAGS.batch,
+        FLAGS.steps,
+        FLAGS.dtype,
+        FLAGS.seeds,
+        FLAGS.image_size,
+        FLAGS.dataset_size,
+        FLAGS.seed_strategy,
+    )
     result["compilation_cache"] = cache  # compile_s is a cache load when this one had the step
     print(json.dumps(result))
 

@@ -41,7 +41,8 @@ state in place (BN statistics in train mode), as when it is called directly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,33 +62,40 @@ def _check_names(names: Any) -> list[str]:
         names = [names]
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"names must be a non-empty sequence of submodule paths such as "
-                         f"['stage1', 'encoder/block2'], got {names!r}")
+        raise ValueError(
+            f"names must be a non-empty sequence of submodule paths such as "
+            f"['stage1', 'encoder/block2'], got {names!r}"
+        )
     return names
 
 
-def _lookup(found: Mapping[tuple, Any], names: list[str], available: Callable[[], list[str]],
-            kind: str) -> dict[str, Any]:
+def _lookup(
+    found: Mapping[tuple, Any], names: list[str], available: Callable[[], list[str]], kind: str
+) -> dict[str, Any]:
     """``name -> first value`` from ``found`` (keyed by path tuples of strings)."""
     acts, missing = {}, []
     for name in names:
         path = tuple(name.split("/"))
-        value = found.get(path + (_CALL,), found.get(path))
+        value = found.get((*path, _CALL), found.get(path))
         if value is None:
             missing.append(name)
         else:
             acts[name] = value[0] if isinstance(value, tuple) else value
     if missing:
-        raise ValueError(f"{kind} model has no submodule or sown value {missing}; available: "
-                         f"{available()}")
+        raise ValueError(
+            f"{kind} model has no submodule or sown value {missing}; available: {available()}"
+        )
     return acts
 
 
-def _linen(model: nn.Module, x: Any, names: list[str], variables: Any,
-           call_kwargs: dict) -> tuple[Any, dict[str, Any]]:
+def _linen(
+    model: nn.Module, x: Any, names: list[str], variables: Any, call_kwargs: dict
+) -> tuple[Any, dict[str, Any]]:
     if variables is None:
-        raise ValueError("capture(model, x, names=..., variables=...) needs the Linen model's "
-                         "variables (what model.init returned)")
+        raise ValueError(
+            "capture(model, x, names=..., variables=...) needs the Linen model's "
+            "variables (what model.init returned)"
+        )
     wanted = set(names)
 
     def keep(module: nn.Module, method_name: str) -> bool:
@@ -95,19 +103,33 @@ def _linen(model: nn.Module, x: Any, names: list[str], variables: Any,
 
     user_mutable = call_kwargs.pop("mutable", False)
     if user_mutable is True:
-        raise ValueError("capture: mutable=True is ambiguous; name the collections "
-                         "(mutable=['batch_stats'])")
+        raise ValueError(
+            "capture: mutable=True is ambiguous; name the collections (mutable=['batch_stats'])"
+        )
     collections = [user_mutable] if isinstance(user_mutable, str) else list(user_mutable or [])
-    output, state = model.apply(variables, x, capture_intermediates=keep,
-                                mutable=collections + ["intermediates"], **call_kwargs)
+    output, state = model.apply(
+        variables,
+        x,
+        capture_intermediates=keep,
+        mutable=[*collections, "intermediates"],
+        **call_kwargs,
+    )
     state = dict(state)
     captured = traverse_util.flatten_dict(dict(state.pop("intermediates", {})))
     found = {tuple(str(p) for p in k): v for k, v in captured.items()}
 
     def available() -> list[str]:
-        every = jax.eval_shape(lambda v, z: model.apply(
-            v, z, capture_intermediates=True, mutable=collections + ["intermediates"],
-            **call_kwargs)[1]["intermediates"], variables, x)
+        every = jax.eval_shape(
+            lambda v, z: model.apply(
+                v,
+                z,
+                capture_intermediates=True,
+                mutable=[*collections, "intermediates"],
+                **call_kwargs,
+            )[1]["intermediates"],
+            variables,
+            x,
+        )
         paths = traverse_util.flatten_dict(dict(every))
         return sorted({_joined(p[:-1] if p[-1] == _CALL else p) for p in paths} - {""})
 
@@ -115,12 +137,16 @@ def _linen(model: nn.Module, x: Any, names: list[str], variables: Any,
     return ((output, state) if collections else output), acts
 
 
-def _nnx(model: nnx.Module, x: Any, names: list[str], call_kwargs: dict
-         ) -> tuple[Any, dict[str, Any]]:
-    output, captured = nnx.capture(model, nnx.Intermediate,
-                                   method_outputs=nnx.Intermediate)(x, **call_kwargs)
-    found = {tuple(str(p) for p in path): variable.get_value()
-             for path, variable in captured.flat_state()}
+def _nnx(
+    model: nnx.Module, x: Any, names: list[str], call_kwargs: dict
+) -> tuple[Any, dict[str, Any]]:
+    output, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        x, **call_kwargs
+    )
+    found = {
+        tuple(str(p) for p in path): variable.get_value()
+        for path, variable in captured.flat_state()
+    }
 
     def available() -> list[str]:
         modules = {_joined(path) for path, _ in nnx.iter_modules(model)}
@@ -130,8 +156,9 @@ def _nnx(model: nnx.Module, x: Any, names: list[str], call_kwargs: dict
     return output, _lookup(found, names, available, "the NNX")
 
 
-def capture(model: Any, x: Any, *, names: Iterable[str], variables: Any = None,
-            **call_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+def capture(
+    model: Any, x: Any, *, names: Iterable[str], variables: Any = None, **call_kwargs: Any
+) -> tuple[Any, dict[str, Any]]:
     """Run ``model`` on ``x`` and return ``(output, acts)``, ``acts`` mapping each of ``names``
     to that submodule's output (see the module docstring for names, mutable state, repeated
     calls).
@@ -155,12 +182,14 @@ def capture(model: Any, x: Any, *, names: Iterable[str], variables: Any = None,
         return _nnx(model, x, names, dict(call_kwargs))
     if isinstance(model, nn.Module):
         return _linen(model, x, names, variables, dict(call_kwargs))
-    raise TypeError(f"capture takes a flax.linen.Module or a flax.nnx.Module, got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+        f"capture takes a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )
 
 
-def model_fn(model: Any, names: Iterable[str], variables: Any = None,
-             **call_kwargs: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+def model_fn(
+    model: Any, names: Iterable[str], variables: Any = None, **call_kwargs: Any
+) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
     """``x -> (output, acts)``: :func:`capture` with the model, names and keyword arguments
     fixed — the callable that :func:`at_jax.analysis.attention_distance` and
     :func:`at_jax.figures.attention_figure` take."""

@@ -43,9 +43,11 @@ def use_compilation_cache(directory: str | None) -> str | None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"config.compilation_cache_dir={directory!r} cannot be created "
-                         f"({e.strerror}); set it to a writable directory, or to '' to compile "
-                         "without a cache") from None
+        raise ValueError(
+            f"config.compilation_cache_dir={directory!r} cannot be created "
+            f"({e.strerror}); set it to a writable directory, or to '' to compile "
+            "without a cache"
+        ) from None
     jax.config.update("jax_compilation_cache_dir", path)
     # Every program, however quick to compile or small: on a CPU they are many and short.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -25,7 +25,8 @@ import hashlib
 import json
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +58,11 @@ def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not obj:
-        raise ConversionError(f"{path} does not hold a state_dict (a mapping of parameter names "
-                              f"to arrays); it holds {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+        raise ConversionError(
+            f"{path} does not hold a state_dict (a mapping of parameter names "
+            f"to arrays); it holds {type(obj).__name__}"
+        )
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -78,61 +81,85 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(
             f"reading {path} (a PyTorch file) needs PyTorch, which is not installed: "
             "pip install torch, or save the state_dict as .npz where torch is installed "
-            "(see python -m at_jax.convert --help) and convert that") from None
+            "(see python -m at_jax.convert --help) and convert that"
+        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, ...
-        raise ConversionError(f"cannot read {path} with torch.load: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return {k: v.detach().cpu().numpy() for k, v in _unwrap(obj, path).items()
-            if hasattr(v, "detach")}
+        raise ConversionError(
+            f"cannot read {path} with torch.load: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    return {
+        k: v.detach().cpu().numpy() for k, v in _unwrap(obj, path).items() if hasattr(v, "detach")
+    }
 
 
 def _infer_model(state_dict: Mapping[str, Any]) -> str:
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("layer3.")}
-    return {2: "resnet-18", 6: "resnet-34"}.get(len(blocks), f"a ResNet with {len(blocks)} "
-                                                "blocks in layer3")
+    return {2: "resnet-18", 6: "resnet-34"}.get(
+        len(blocks), f"a ResNet with {len(blocks)} blocks in layer3"
+    )
 
 
-def to_variables(state_dict: Mapping[str, Any], model_name: str,
-                 image_size: int = 224) -> tuple[dict, int]:
+def to_variables(
+    state_dict: Mapping[str, Any], model_name: str, image_size: int = 224
+) -> tuple[dict, int]:
     """``(variables, num_classes)``: converted, and checked against ``model_name``'s layout."""
     if model_name not in MODELS:
         raise ConversionError(f"--model must be one of {', '.join(MODELS)}, got {model_name!r}")
     if "fc.weight" not in state_dict:
-        raise ConversionError("the state_dict has no fc.weight: it is not a torchvision ResNet "
-                              f"(keys: {sorted(state_dict)[:5]} ...)")
+        raise ConversionError(
+            "the state_dict has no fc.weight: it is not a torchvision ResNet "
+            f"(keys: {sorted(state_dict)[:5]} ...)"
+        )
     num_classes = int(np.shape(state_dict["fc.weight"])[0])
     try:
         variables = from_torchvision(state_dict)
     except (KeyError, ValueError) as e:
         raise ConversionError(f"not a torchvision ResNet state_dict: {e}") from None
     model = get_model(model_name, num_classes=num_classes)
-    expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, image_size, image_size, 3)))
+    expected = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
+    )
     want = {p: v.shape for p, v in traverse_util.flatten_dict(expected).items()}
     got = {p: v.shape for p, v in traverse_util.flatten_dict(variables).items()}
     if want != got:
         missing = sorted("/".join(p) for p in set(want) - set(got))
         extra = sorted("/".join(p) for p in set(got) - set(want))
-        shapes = sorted(f"{'/'.join(p)} {got[p]} (expected {want[p]})"
-                        for p in set(want) & set(got) if want[p] != got[p])
-        differ = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names
-                           in (("missing", missing), ("unexpected", extra), ("shapes", shapes))
-                           if names)
+        shapes = sorted(
+            f"{'/'.join(p)} {got[p]} (expected {want[p]})"
+            for p in set(want) & set(got)
+            if want[p] != got[p]
+        )
+        differ = "; ".join(
+            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("shapes", shapes))
+            if names
+        )
         raise ConversionError(
             f"the weights are not a {model_name} (they look like {_infer_model(state_dict)}): "
-            f"{differ}. Pass the matching --model.")
+            f"{differ}. Pass the matching --model."
+        )
     return variables, num_classes
 
 
-def write_run(workdir: str, variables: dict, model_name: str, num_classes: int,
-              dataset: str, image_size: int, source: dict) -> None:
+def write_run(
+    workdir: str,
+    variables: dict,
+    model_name: str,
+    num_classes: int,
+    dataset: str,
+    image_size: int,
+    source: dict,
+) -> None:
     """Write ``workdir`` as a run directory: config.json and a step-0 checkpoint (one seed)."""
     if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)) or os.path.isdir(
-            os.path.join(workdir, runs.CHECKPOINT_DIR)):
-        raise ConversionError(f"{workdir!r} already holds a run; choose a new --workdir or delete "
-                              "it first")
+        os.path.join(workdir, runs.CHECKPOINT_DIR)
+    ):
+        raise ConversionError(
+            f"{workdir!r} already holds a run; choose a new --workdir or delete it first"
+        )
     config = recipes.base_config()
     config.model = model_name
     config.data.name = dataset
@@ -140,15 +167,17 @@ def write_run(workdir: str, variables: dict, model_name: str, num_classes: int,
     config.num_epochs = 0
     known = dataset_num_classes(config)
     if known not in (None, num_classes):
-        raise ConversionError(f"--dataset {dataset} has {known} classes but the weights have "
-                              f"{num_classes}; pass --dataset imagefolder (or the one they "
-                              "were trained on)")
+        raise ConversionError(
+            f"--dataset {dataset} has {known} classes but the weights have "
+            f"{num_classes}; pass --dataset imagefolder (or the one they "
+            "were trained on)"
+        )
     os.makedirs(workdir, exist_ok=True)
-    state = {"step": jnp.zeros((1,), jnp.int32),
-             "params": {"student": jax.tree.map(lambda a: jnp.asarray(a)[None],
-                                                variables["params"])},
-             "batch_stats": jax.tree.map(lambda a: jnp.asarray(a)[None],
-                                         variables["batch_stats"])}
+    state = {
+        "step": jnp.zeros((1,), jnp.int32),
+        "params": {"student": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["params"])},
+        "batch_stats": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["batch_stats"]),
+    }
     checkpoints = runs.Checkpoints(workdir, keep=1, streamed=False)
     try:
         checkpoints.save(0, {"train_state": state}, {"converted_from": source})
@@ -160,8 +189,9 @@ def write_run(workdir: str, variables: dict, model_name: str, num_classes: int,
     write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), saved)
 
 
-def convert(path: str, model_name: str, workdir: str, dataset: str = "imagenet2012",
-            image_size: int = 224) -> dict:
+def convert(
+    path: str, model_name: str, workdir: str, dataset: str = "imagenet2012", image_size: int = 224
+) -> dict:
     """Convert ``path`` (torchvision state_dict, ``.pth`` or ``.npz``) into the run ``workdir``;
     returns a summary."""
     state_dict = read_state_dict(path)
@@ -169,35 +199,50 @@ def convert(path: str, model_name: str, workdir: str, dataset: str = "imagenet20
     source = {"path": os.path.abspath(path), "sha256": _sha256(path), "format": "torchvision"}
     write_run(workdir, variables, model_name, num_classes, dataset, image_size, source)
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
-    return {"workdir": workdir, "model": model_name, "num_classes": num_classes,
-            "parameters": n_params, **source}
+    return {
+        "workdir": workdir,
+        "model": model_name,
+        "num_classes": num_classes,
+        "parameters": n_params,
+        **source,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m at_jax.convert", description=__doc__.split("\n\n")[0],
-        epilog="Save a .pth as .npz where torch is installed:  python -c \"import torch, numpy; "
-               "sd = torch.load('IN.pth', map_location='cpu'); numpy.savez('OUT.npz', "
-               "**{k: v.numpy() for k, v in sd.items()})\"")
-    parser.add_argument("--torchvision", required=True, metavar="PATH",
-                        help="torchvision ResNet state_dict: .pth/.pt (needs torch) or .npz")
+        prog="python -m at_jax.convert",
+        description=__doc__.split("\n\n")[0],
+        epilog='Save a .pth as .npz where torch is installed:  python -c "import torch, numpy; '
+        "sd = torch.load('IN.pth', map_location='cpu'); numpy.savez('OUT.npz', "
+        '**{k: v.numpy() for k, v in sd.items()})"',
+    )
+    parser.add_argument(
+        "--torchvision",
+        required=True,
+        metavar="PATH",
+        help="torchvision ResNet state_dict: .pth/.pt (needs torch) or .npz",
+    )
     parser.add_argument("--model", required=True, choices=MODELS)
     parser.add_argument("--workdir", required=True, help="the run directory to create")
-    parser.add_argument("--dataset", default="imagenet2012",
-                        help="what the weights were trained on, recorded in config.json "
-                             "(default imagenet2012: 1000 classes; 'imagefolder' for others)")
+    parser.add_argument(
+        "--dataset",
+        default="imagenet2012",
+        help="what the weights were trained on, recorded in config.json "
+        "(default imagenet2012: 1000 classes; 'imagefolder' for others)",
+    )
     parser.add_argument("--image_size", type=int, default=224)
     args = parser.parse_args(argv)
     try:
-        summary = convert(args.torchvision, args.model, args.workdir, args.dataset,
-                          args.image_size)
+        summary = convert(args.torchvision, args.model, args.workdir, args.dataset, args.image_size)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{summary['model']} ({summary['parameters']:,} parameters, {summary['num_classes']} "
-          f"classes) from {args.torchvision} -> {args.workdir}\n"
-          f"use it as --config.teacher.workdir={args.workdir} or "
-          f"--config.init_from={args.workdir}")
+    print(
+        f"{summary['model']} ({summary['parameters']:,} parameters, {summary['num_classes']} "
+        f"classes) from {args.torchvision} -> {args.workdir}\n"
+        f"use it as --config.teacher.workdir={args.workdir} or "
+        f"--config.init_from={args.workdir}"
+    )
     return 0
 
 

@@ -2,13 +2,15 @@
 
 Evaluation batches are ``{"image": uint8 (B, H, W, C), "label": (B,), "mask": (B,)}`` global
 arrays (``mask`` 0 marks the padding that gives every batch the same shape), from the in-memory
-path (:func:`at_jax.data.batching.array_batches`) or the streamed one (:mod:`at_jax.data.pipeline`). Errors are summed
-on the device; the host syncs once per evaluation.
+path (:func:`at_jax.data.batching.array_batches`) or the streamed one
+(:mod:`at_jax.data.pipeline`). Errors are summed on the device; the host syncs once per
+evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -24,9 +26,16 @@ from at_jax.seeds import map_seeds
 __all__ = ["make_eval_fn", "evaluate", "student_variables"]
 
 
-def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
-                 teacher_model: Optional[nn.Module] = None, pairs: Any = None,
-                 seed_strategy: str = "vmap") -> Callable:
+def make_eval_fn(
+    model: nn.Module,
+    mean,
+    std,
+    dtype=jnp.float32,
+    seeds: int = 0,
+    teacher_model: Optional[nn.Module] = None,
+    pairs: Any = None,
+    seed_strategy: str = "vmap",
+) -> Callable:
     """``jit((variables, batch, teacher_variables) -> sums)`` in eval mode.
 
     Sums over the batch's unmasked examples: ``errors``, ``top5_errors``, ``count`` and, with a
@@ -48,6 +57,7 @@ def make_eval_fn(model: nn.Module, mean, std, dtype=jnp.float32, seeds: int = 0,
         for name, dist in pair_distances(s_acts, t_acts, pairs).items():
             out[f"attention/{name}"] = jnp.sum(dist * mask)
         return out
+
     if not seeds:
         return jax.jit(single)
     return jax.jit(map_seeds(single, seeds, seed_strategy, (0, None, None)))
@@ -61,22 +71,24 @@ def student_variables(state) -> dict:
     return variables
 
 
-def evaluate(eval_fn: Callable, variables: Any, batches: Iterable[dict],
-             teacher_variables: Any = None) -> dict[str, np.ndarray]:
+def evaluate(
+    eval_fn: Callable, variables: Any, batches: Iterable[dict], teacher_variables: Any = None
+) -> dict[str, np.ndarray]:
     """Test ``error`` and ``top5_error`` in %, and the attention distances the eval function
     measures (``attention/...`` and their average ``attention/mean``) — per seed when the
     variables have a seed axis."""
     totals = None
     for batch in batches:
-        sums = eval_fn(variables, batch, teacher_variables if teacher_variables is not None
-                       else {})
+        sums = eval_fn(variables, batch, teacher_variables if teacher_variables is not None else {})
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("evaluation got no batch: the test set is empty")
     totals = jax.device_get(totals)
     count = np.maximum(totals["count"], 1)
-    result = {"error": 100.0 * totals["errors"] / count,
-              "top5_error": 100.0 * totals["top5_errors"] / count}
+    result = {
+        "error": 100.0 * totals["errors"] / count,
+        "top5_error": 100.0 * totals["top5_errors"] / count,
+    }
     distances = {k: v / count for k, v in totals.items() if k.startswith("attention/")}
     if distances:
         result.update(distances)

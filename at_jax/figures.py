@@ -3,7 +3,8 @@ attention maps at its transfer points, as a PNG (matplotlib)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -16,10 +17,16 @@ __all__ = ["attention_figure"]
 Points = Union[Sequence[str], Mapping[str, Sequence[str]]]
 
 
-def attention_figure(path: str, images_u8: np.ndarray, models: Mapping[str, Any],
-                     mean: Any = None, std: Any = None,
-                     points: Points = ("group0", "group1", "group2"), *,
-                     preprocess: Optional[Callable[[Any], Any]] = None) -> str:
+def attention_figure(
+    path: str,
+    images_u8: np.ndarray,
+    models: Mapping[str, Any],
+    mean: Any = None,
+    std: Any = None,
+    points: Points = ("group0", "group1", "group2"),
+    *,
+    preprocess: Optional[Callable[[Any], Any]] = None,
+) -> str:
     """Save a grid: one row per image, the image then each model's attention at its points.
 
     Args:
@@ -38,6 +45,7 @@ def attention_figure(path: str, images_u8: np.ndarray, models: Mapping[str, Any]
     ``path``.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -57,8 +65,7 @@ def attention_figure(path: str, images_u8: np.ndarray, models: Mapping[str, Any]
     n_cols = 1 + sum(len(m) for m in maps.values())
     fig, axes = plt.subplots(n_img, n_cols, figsize=(1.3 * n_cols, 1.4 * n_img), squeeze=False)
     for i in range(n_img):
-        axes[i, 0].imshow(images_u8[i].squeeze(),
-                          cmap="gray" if images_u8.shape[-1] == 1 else None)
+        axes[i, 0].imshow(images_u8[i].squeeze(), cmap="gray" if images_u8.shape[-1] == 1 else None)
         col = 1
         for label, model_maps in maps.items():
             for name, m in model_maps:

@@ -19,6 +19,7 @@ Frozen parameters get no update at all (no gradient step, no weight decay, no mo
 from __future__ import annotations
 
 import re
+
 import jax
 import optax
 from flax import traverse_util
@@ -34,8 +35,9 @@ def module_names(value) -> tuple[str, ...]:
     """``config.freeze.modules`` as names: a tuple, or comma-separated names in a string or in
     the tuple's entries (``--config.freeze.modules=conv1,bn1,layer1`` gives one such entry)."""
     entries = (value,) if isinstance(value, str) else tuple(value)
-    return tuple(name.strip() for entry in entries for name in str(entry).split(",")
-                 if name.strip())
+    return tuple(
+        name.strip() for entry in entries for name in str(entry).split(",") if name.strip()
+    )
 
 
 def check_modules(modules, params: dict, model_name: str) -> None:
@@ -43,10 +45,11 @@ def check_modules(modules, params: dict, model_name: str) -> None:
     unknown = [m for m in modules if not any(_in_modules(name, [m]) for name in params)]
     if unknown:
         groups = sorted({re.sub(r"_\d+$", "", name) for name in params} - set(params))
-        raise ValueError(f"config.freeze.modules names {unknown}, which {model_name!r} does not "
-                         f"have; its top-level modules are {list(params)}"
-                         + (f" and its groups {groups} (a group's name covers its blocks)"
-                            if groups else ""))
+        raise ValueError(
+            f"config.freeze.modules names {unknown}, which {model_name!r} does not "
+            f"have; its top-level modules are {list(params)}"
+            + (f" and its groups {groups} (a group's name covers its blocks)" if groups else "")
+        )
 
 
 def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
@@ -55,10 +58,16 @@ def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
     modules = module_names(freeze.get("modules", ()))
     params = variables["params"]
     check_modules(modules, params, config.model)
-    bn_modules = {path[:-1] for path in traverse_util.flatten_dict(
-        dict(variables.get("batch_stats", {})))} if freeze.get("batch_norm", False) else set()
-    return {path for path in traverse_util.flatten_dict(dict(params))
-            if _in_modules(path[0], modules) or path[:-1] in bn_modules}
+    bn_modules = (
+        {path[:-1] for path in traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))}
+        if freeze.get("batch_norm", False)
+        else set()
+    )
+    return {
+        path
+        for path in traverse_util.flatten_dict(dict(params))
+        if _in_modules(path[0], modules) or path[:-1] in bn_modules
+    }
 
 
 def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTransformation:
@@ -71,6 +80,7 @@ def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTr
         def label(path, _):
             keys = tuple(str(k.key) for k in path)
             return FROZEN if keys[0] == "student" and keys[1:] in frozen else TRAINED
+
         return jax.tree_util.tree_map_with_path(label, params)
 
     return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
@@ -78,8 +88,10 @@ def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTr
 
 # --------------------------------------------------------------------------- init_from
 
-def plan(fresh: dict, pretrained: dict, model_name: str, num_classes: int,
-         source: str) -> set[tuple[str, ...]]:
+
+def plan(
+    fresh: dict, pretrained: dict, model_name: str, num_classes: int, source: str
+) -> set[tuple[str, ...]]:
     """Check that ``pretrained`` variables fit the model whose initial variables are ``fresh``
     (both may be shapes only); return the paths that keep their fresh values (a classifier for
     another class count: leaves that differ in their last axis only, ``num_classes`` there).
@@ -94,17 +106,21 @@ def plan(fresh: dict, pretrained: dict, model_name: str, num_classes: int,
             + (f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}" if missing else "")
             + ("; " if missing and extra else "")
             + (f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}" if extra else "")
-            + ". Set config.model to the model of that run (see its config.json).")
+            + ". Set config.model to the model of that run (see its config.json)."
+        )
     replaced = {p for p in new if new[p].shape != old[p].shape}
     # the classifier's leaves differ in their last axis only: this run's classes vs the source's
-    wrong = sorted(f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
-                   for p in replaced if new[p].shape[:-1] != old[p].shape[:-1]
-                   or new[p].shape[-1] != num_classes)
+    wrong = sorted(
+        f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
+        for p in replaced
+        if new[p].shape[:-1] != old[p].shape[:-1] or new[p].shape[-1] != num_classes
+    )
     if wrong:
         raise ValueError(
             f"config.init_from={source!r}: shapes differ outside the classifier at "
             f"{wrong[:3]}: that run's model has other widths or input channels than "
-            f"{model_name!r} with this config.model_overrides.")
+            f"{model_name!r} with this config.model_overrides."
+        )
     return replaced
 
 
@@ -112,15 +128,17 @@ def merge(fresh: dict, pretrained: dict, replaced: set) -> dict:
     """``pretrained`` with the ``replaced`` paths taken from ``fresh`` (works under jit)."""
     new = traverse_util.flatten_dict(dict(fresh))
     old = traverse_util.flatten_dict(dict(pretrained))
-    return traverse_util.unflatten_dict({
-        p: new[p] if p in replaced else old[p].astype(new[p].dtype) for p in new})
+    return traverse_util.unflatten_dict(
+        {p: new[p] if p in replaced else old[p].astype(new[p].dtype) for p in new}
+    )
 
 
 def describe(replaced: set, fresh: dict, pretrained: dict) -> str:
     new = traverse_util.flatten_dict(dict(fresh))
     old = traverse_util.flatten_dict(dict(pretrained))
-    return ", ".join(f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
-                     for p in sorted(replaced))
+    return ", ".join(
+        f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}" for p in sorted(replaced)
+    )
 
 
 def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
@@ -130,5 +148,13 @@ def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
     return sum(int(v.size) for v in flat.values()) - n_frozen, n_frozen
 
 
-__all__ = ["check_modules", "frozen_paths", "optimizer", "plan", "merge", "describe",
-           "trainable_count", "module_names"]
+__all__ = [
+    "check_modules",
+    "frozen_paths",
+    "optimizer",
+    "plan",
+    "merge",
+    "describe",
+    "trainable_count",
+    "module_names",
+]

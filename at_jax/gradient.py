@@ -30,7 +30,7 @@ running statistics); the CLI's terms follow ``config.gradient.bn_mode``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,14 @@ import optax
 
 from at_jax.precision import upcast
 
-__all__ = ["grad_at_loss", "min_l2_loss", "symmetry_loss", "input_gradient", "flip",
-           "per_example_norm"]
+__all__ = [
+    "grad_at_loss",
+    "min_l2_loss",
+    "symmetry_loss",
+    "input_gradient",
+    "flip",
+    "per_example_norm",
+]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -47,9 +53,10 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 def input_gradient(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example ``∂CE(logits_fn(x)_i, y_i)/∂x_i``: the gradient of the summed CE, shaped like
     ``images``."""
+
     def summed_ce(x: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(
-            upcast(logits_fn(x)), labels).sum()
+        return optax.softmax_cross_entropy_with_integer_labels(upcast(logits_fn(x)), labels).sum()
+
     return jax.grad(summed_ce)(images)
 
 
@@ -67,8 +74,14 @@ def per_example_norm(x: jax.Array, squared: bool = True) -> jax.Array:
     return jnp.mean(optax.safe_norm(flat, 0.0, axis=-1))
 
 
-def grad_at_loss(student_fn: LogitsFn, teacher_fn: LogitsFn, x: jax.Array, labels: jax.Array,
-                 *, squared: bool = True) -> jax.Array:
+def grad_at_loss(
+    student_fn: LogitsFn,
+    teacher_fn: LogitsFn,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    squared: bool = True,
+) -> jax.Array:
     """Gradient-based attention transfer, eq. 4: ``½ · mean_i ||J_S,i − J_T,i||²``.
 
     Args:
@@ -83,15 +96,17 @@ def grad_at_loss(student_fn: LogitsFn, teacher_fn: LogitsFn, x: jax.Array, label
     return 0.5 * per_example_norm(input_gradient(student_fn, x, labels) - j_teacher, squared)
 
 
-def min_l2_loss(student_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
-                squared: bool = True) -> jax.Array:
+def min_l2_loss(
+    student_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, squared: bool = True
+) -> jax.Array:
     """Double backprop (Drucker & LeCun, 1992): ``½ · mean_i ||J_S,i||²`` (``squared=False``:
     the norm). Arguments as :func:`grad_at_loss`."""
     return 0.5 * per_example_norm(input_gradient(student_fn, x, labels), squared)
 
 
-def symmetry_loss(student_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
-                  squared: bool = True) -> jax.Array:
+def symmetry_loss(
+    student_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, squared: bool = True
+) -> jax.Array:
     """Eq. 6, a flip-invariance penalty: ``½ · mean_i ||J_i − flip(∂L(W, flip x)/∂x)_i||²``
     (``squared=False``: the norm). Zero exactly for a network that is invariant to horizontal
     flips. Arguments as :func:`grad_at_loss` (NHWC ``x``)."""

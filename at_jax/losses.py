@@ -27,7 +27,8 @@ built on these functions, is :mod:`at_jax.objective`.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,18 @@ import optax
 from at_jax.attention import attention_map, channels_last, common_size, normalize_rows, pool_map
 from at_jax.precision import upcast
 
-__all__ = ["at_loss", "at_losses", "kd_kl", "kd_loss", "factt_loss", "cross_entropy",
-           "pair_activations", "pair_name", "AT_MODES", "Pairs"]
+__all__ = [
+    "at_loss",
+    "at_losses",
+    "kd_kl",
+    "kd_loss",
+    "factt_loss",
+    "cross_entropy",
+    "pair_activations",
+    "pair_name",
+    "AT_MODES",
+    "Pairs",
+]
 
 AT_MODES = ("code", "paper")
 
@@ -49,9 +60,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(upcast(logits), labels).mean()
 
 
-def at_loss(student_act: jax.Array, teacher_act: jax.Array, p: float = 2.0,
-            reduce: str = "mean", mode: str = "code", normalize: Optional[str] = "l2", *,
-            channel_axis: int = -1) -> jax.Array:
+def at_loss(
+    student_act: jax.Array,
+    teacher_act: jax.Array,
+    p: float = 2.0,
+    reduce: str = "mean",
+    mode: str = "code",
+    normalize: Optional[str] = "l2",
+    *,
+    channel_axis: int = -1,
+) -> jax.Array:
     """Attention-transfer loss between one pair of activations (paper eq. 2).
 
     Args:
@@ -72,12 +90,20 @@ def at_loss(student_act: jax.Array, teacher_act: jax.Array, p: float = 2.0,
     if mode not in AT_MODES:
         raise ValueError(f"at_loss mode must be one of {AT_MODES}, got {mode!r}")
     if student_act.shape[0] != teacher_act.shape[0]:
-        raise ValueError(f"student and teacher batch sizes differ: {tuple(student_act.shape)} "
-                         f"vs {tuple(teacher_act.shape)}")
+        raise ValueError(
+            f"student and teacher batch sizes differ: {tuple(student_act.shape)} "
+            f"vs {tuple(teacher_act.shape)}"
+        )
     size = common_size(student_act.shape, teacher_act.shape, channel_axis)
     qs = attention_map(student_act, p, reduce, normalize, size=size, channel_axis=channel_axis)
-    qt = attention_map(jax.lax.stop_gradient(teacher_act), p, reduce, normalize, size=size,
-                       channel_axis=channel_axis)
+    qt = attention_map(
+        jax.lax.stop_gradient(teacher_act),
+        p,
+        reduce,
+        normalize,
+        size=size,
+        channel_axis=channel_axis,
+    )
     diff = qs - qt
     if mode == "code":
         return jnp.mean(diff * diff)
@@ -89,10 +115,17 @@ def pair_name(student: str, teacher: str) -> str:
     return f"{student}:{teacher}"
 
 
-def at_losses(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, jax.Array],
-              pairs: Pairs, *, p: float = 2.0, reduce: str = "mean", mode: str = "code",
-              normalize: Optional[str] = "l2", channel_axis: int = -1
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def at_losses(
+    student_acts: Mapping[str, jax.Array],
+    teacher_acts: Mapping[str, jax.Array],
+    pairs: Pairs,
+    *,
+    p: float = 2.0,
+    reduce: str = "mean",
+    mode: str = "code",
+    normalize: Optional[str] = "l2",
+    channel_axis: int = -1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`at_loss` over several transfer points: ``(total, per_pair)``.
 
     Args:
@@ -112,14 +145,18 @@ def at_losses(student_acts: Mapping[str, jax.Array], teacher_acts: Mapping[str, 
         total, per_pair = at_losses(s_acts, t_acts, [("stage2", "layer3")])
         loss = ce + 1e3 * total
     """
-    per_pair = {pair_name(s, t): at_loss(student_acts[s], teacher_acts[t], p, reduce, mode,
-                                         normalize, channel_axis=channel_axis)
-                for s, t in pair_activations(student_acts, teacher_acts, pairs)}
+    per_pair = {
+        pair_name(s, t): at_loss(
+            student_acts[s], teacher_acts[t], p, reduce, mode, normalize, channel_axis=channel_axis
+        )
+        for s, t in pair_activations(student_acts, teacher_acts, pairs)
+    }
     return sum(per_pair.values(), jnp.zeros((), jnp.float32)), per_pair
 
 
-def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array,
-          temperature: float = 4.0) -> jax.Array:
+def kd_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 4.0
+) -> jax.Array:
     """Hinton's distillation term without the cross-entropy: ``T² · mean_i KL(p_T,i || p_S,i)``
     with ``p = softmax(logits / T)``, summed over classes and averaged over the batch.
 
@@ -136,8 +173,14 @@ def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array,
     return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1).mean() * t * t
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
-            temperature: float = 4.0, alpha: float = 0.9, legacy: bool = False) -> jax.Array:
+def kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    legacy: bool = False,
+) -> jax.Array:
     """Knowledge distillation exactly as the reference ``distillation()``:
     ``α · kd_kl + (1 − α) · CE(student_logits, labels)``.
 
@@ -157,8 +200,9 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
     return alpha * kl + (1.0 - alpha) * cross_entropy(student_logits, labels)
 
 
-def factt_loss(student_act: jax.Array, teacher_act: jax.Array, *,
-               channel_axis: int = -1) -> jax.Array:
+def factt_loss(
+    student_act: jax.Array, teacher_act: jax.Array, *, channel_axis: int = -1
+) -> jax.Array:
     """F-ActT (full-activation transfer): the mean squared difference of per-sample
     l2-normalised activations (each flattened over H, W, C).
 
@@ -174,8 +218,10 @@ def factt_loss(student_act: jax.Array, teacher_act: jax.Array, *,
     s = upcast(channels_last(student_act, channel_axis))
     t = upcast(channels_last(jax.lax.stop_gradient(teacher_act), channel_axis))
     if s.shape[-1] != t.shape[-1]:
-        raise ValueError(f"F-ActT needs equal channel counts (got {s.shape[-1]} and "
-                         f"{t.shape[-1]}); adapt the student with a 1x1 conv first")
+        raise ValueError(
+            f"F-ActT needs equal channel counts (got {s.shape[-1]} and "
+            f"{t.shape[-1]}); adapt the student with a 1x1 conv first"
+        )
     size = common_size(s.shape, t.shape)
     s, t = (_pool_channels(x, size) for x in (s, t))
     b = s.shape[0]
@@ -201,11 +247,13 @@ _WRN_BLOCK = re.compile(r"^group\d+\.block\d+$")
 def _sorted_names(names: Any, pattern: re.Pattern) -> list[str]:
     def key(n: str) -> list[int]:
         return [int(d) for d in re.findall(r"\d+", n)]
+
     return sorted((n for n in names if pattern.match(n)), key=key)
 
 
-def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any],
-                     pairs: Pairs = "groups") -> list[tuple[str, str]]:
+def pair_activations(
+    student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any], pairs: Pairs = "groups"
+) -> list[tuple[str, str]]:
     """Choose (student_name, teacher_name) pairs of activations.
 
     ``"groups"``: at_jax's models' transfer points (WRN ``group*``, NIN ``block*``, ResNet
@@ -220,8 +268,9 @@ def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str,
     """
     if isinstance(pairs, str) and pairs not in ("groups", "blocks"):
         if not pairs.strip() or not all(p.strip() for p in pairs.split(",")):
-            raise ValueError(f"pairs must be 'groups', 'blocks' or names such as "
-                             f"'layer3,layer4', got {pairs!r}")
+            raise ValueError(
+                f"pairs must be 'groups', 'blocks' or names such as 'layer3,layer4', got {pairs!r}"
+            )
         pairs = [p.strip() for p in pairs.split(",")]
     if isinstance(pairs, str):
         pattern = _TRANSFER_POINT if pairs == "groups" else _WRN_BLOCK
@@ -231,10 +280,13 @@ def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str,
             raise ValueError(
                 f"cannot pair {pairs!r}: student has {s_names}, teacher has {t_names} "
                 f"(all student names: {sorted(student_acts)}; teacher: {sorted(teacher_acts)})"
-                + (" (per-block pairing needs student and teacher of the same depth)"
-                   if pairs == "blocks" else
-                   ". 'groups' pairs at_jax's own transfer points (group*, block*, layer*); "
-                   "for other models name the pairs, e.g. [('stage2', 'layer3')]"))
+                + (
+                    " (per-block pairing needs student and teacher of the same depth)"
+                    if pairs == "blocks"
+                    else ". 'groups' pairs at_jax's own transfer points (group*, block*, layer*); "
+                    "for other models name the pairs, e.g. [('stage2', 'layer3')]"
+                )
+            )
         return list(zip(s_names, t_names, strict=True))
     result = []
     for item in pairs:
@@ -242,11 +294,16 @@ def pair_activations(student_acts: Mapping[str, Any], teacher_acts: Mapping[str,
             s, t = (part.strip() for part in item.split(":", 1)) if ":" in item else (item, item)
         else:
             s, t = tuple(item)
-        missing = [f"the {side} has no {n!r}" for side, n, acts in
-                   (("student", s, student_acts), ("teacher", t, teacher_acts)) if n not in acts]
+        missing = [
+            f"the {side} has no {n!r}"
+            for side, n, acts in (("student", s, student_acts), ("teacher", t, teacher_acts))
+            if n not in acts
+        ]
         if missing:
-            raise ValueError(f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}; the "
-                             f"student has {sorted(student_acts)}, the teacher "
-                             f"{sorted(teacher_acts)}")
+            raise ValueError(
+                f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}; the "
+                f"student has {sorted(student_acts)}, the teacher "
+                f"{sorted(teacher_acts)}"
+            )
         result.append((s, t))
     return result

@@ -8,23 +8,34 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
-__all__ = ["error_counts", "MetricsWriter", "epoch_row", "window_row", "train_means",
-           "read_jsonl", "write_json_atomic", "write_json_lines_atomic", "METRICS_FILE",
-           "RESULTS_FILE"]
+__all__ = [
+    "error_counts",
+    "MetricsWriter",
+    "epoch_row",
+    "window_row",
+    "train_means",
+    "read_jsonl",
+    "write_json_atomic",
+    "write_json_lines_atomic",
+    "METRICS_FILE",
+    "RESULTS_FILE",
+]
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 
 
-def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
-                 ) -> dict[str, jax.Array]:
+def error_counts(
+    logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None
+) -> dict[str, jax.Array]:
     """Top-1 and top-5 error counts of a batch (``mask`` 0 drops padding examples), and the
     example count, as on-device sums."""
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -32,8 +43,11 @@ def error_counts(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array]
     top_k = jax.lax.top_k(logits, k)[1]
     top1 = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
     topk = jnp.all(top_k != labels[:, None], axis=-1).astype(jnp.float32)
-    return {"errors": jnp.sum(top1 * mask), "top5_errors": jnp.sum(topk * mask),
-            "count": jnp.sum(mask)}
+    return {
+        "errors": jnp.sum(top1 * mask),
+        "top5_errors": jnp.sum(topk * mask),
+        "count": jnp.sum(mask),
+    }
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
@@ -74,8 +88,10 @@ class MetricsWriter:
         self.history = kept
         if enabled:
             write_json_lines_atomic(self.path, kept)
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     def epochs(self) -> list[dict]:
         """The epoch rows written so far (earlier attempts included)."""
@@ -114,21 +130,36 @@ def train_means(sums: Mapping[str, Any]) -> dict[str, float]:
 
 # evaluate() names -> metrics.jsonl names (the per-pair attention distances keep theirs:
 # "test/attention/<student><-<teacher>")
-TEST_KEYS = {"error": "test/error", "top5_error": "test/top5_error",
-             "attention/mean": "test/attention_distance"}
+TEST_KEYS = {
+    "error": "test/error",
+    "top5_error": "test/top5_error",
+    "attention/mean": "test/attention_distance",
+}
 
 
-def epoch_row(sums, test: Optional[Mapping[str, np.ndarray]], epoch: int, step: int, lr: float,
-              train_time: float, epoch_time: float) -> dict[str, Any]:
+def epoch_row(
+    sums,
+    test: Optional[Mapping[str, np.ndarray]],
+    epoch: int,
+    step: int,
+    lr: float,
+    train_time: float,
+    epoch_time: float,
+) -> dict[str, Any]:
     """An epoch's metrics row: train means, test errors and attention distances to the teacher
     (median over seeds, and per seed)."""
     count = float(np.max(sums["train/count"]))
-    row = {"epoch": epoch, "step": step, "lr": lr, "epoch_time_s": epoch_time,
-           "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(train_time, 1e-9)}
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "epoch_time_s": epoch_time,
+        "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(train_time, 1e-9),
+    }
     row.update(train_means(sums))
     if test is not None:
-        for name, values in test.items():
-            values = np.atleast_1d(values)
+        for name, value in test.items():
+            values = np.atleast_1d(value)
             key = TEST_KEYS.get(name, f"test/{name}")
             row[key] = float(np.median(values))
             if len(values) > 1 and name in TEST_KEYS:
@@ -136,12 +167,15 @@ def epoch_row(sums, test: Optional[Mapping[str, np.ndarray]], epoch: int, step: 
     return row
 
 
-def window_row(sums, step: int, steps_per_epoch: int, lr: float, seconds: float
-               ) -> dict[str, Any]:
+def window_row(sums, step: int, steps_per_epoch: int, lr: float, seconds: float) -> dict[str, Any]:
     """A row every ``log_every_steps`` steps: train means over the steps since the last one."""
     count = float(np.max(sums["train/count"]))
-    row = {"step": step, "epoch_progress": step / steps_per_epoch, "lr": lr,
-           "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(seconds, 1e-9)}
+    row = {
+        "step": step,
+        "epoch_progress": step / steps_per_epoch,
+        "lr": lr,
+        "images_per_s": count * len(np.atleast_1d(sums["train/count"])) / max(seconds, 1e-9),
+    }
     row.update(train_means(sums))
     return row
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,18 @@ import jax.numpy as jnp
 
 from at_jax import gradient, losses
 
-__all__ = ["make_objective", "register_term", "StepOutputs", "validate_terms", "needs_teacher",
-           "term_modules", "term_options", "term_names", "FActTAdapters", "WEIGHT_SCHEDULES"]
+__all__ = [
+    "make_objective",
+    "register_term",
+    "StepOutputs",
+    "validate_terms",
+    "needs_teacher",
+    "term_modules",
+    "term_options",
+    "term_names",
+    "FActTAdapters",
+    "WEIGHT_SCHEDULES",
+]
 
 
 @dataclasses.dataclass
@@ -67,8 +78,10 @@ class StepOutputs:
 
     def require_student_fn(self, term: str) -> Callable[[jax.Array], jax.Array]:
         if self.student_fn is None:
-            raise ValueError(f"loss term {term!r} needs the student as a function of its input "
-                             "(StepOutputs.student_fn)")
+            raise ValueError(
+                f"loss term {term!r} needs the student as a function of its input "
+                "(StepOutputs.student_fn)"
+            )
         return self.student_fn
 
 
@@ -82,8 +95,9 @@ WEIGHT_SCHEDULES = ("constant", "lr")
 _SPEC_KEYS = ("weight", "weight_schedule", "start_epoch")
 
 
-def register_term(name: str, needs_teacher: bool = False,
-                  module: Optional[ModuleFactory] = None) -> Callable[[TermFn], TermFn]:
+def register_term(
+    name: str, needs_teacher: bool = False, module: Optional[ModuleFactory] = None
+) -> Callable[[TermFn], TermFn]:
     """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``.
 
     A term that owns trainable parameters (F-ActT's adapters) passes ``module``: a function of the
@@ -92,6 +106,7 @@ def register_term(name: str, needs_teacher: bool = False,
     activations, trains its ``params`` with the student's (``params['terms'][name]``), and hands
     it to the term as ``out.term_module(name)``.
     """
+
     def wrap(fn: TermFn) -> TermFn:
         _TERMS[name] = fn
         if needs_teacher:
@@ -99,6 +114,7 @@ def register_term(name: str, needs_teacher: bool = False,
         if module is not None:
             _MODULES[name] = module
         return fn
+
     return wrap
 
 
@@ -130,8 +146,10 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
             raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
         schedule = options.get("weight_schedule", "constant")
         if schedule not in WEIGHT_SCHEDULES:
-            raise ValueError(f"loss term {name!r}: weight_schedule must be one of "
-                             f"{WEIGHT_SCHEDULES}, got {schedule!r}")
+            raise ValueError(
+                f"loss term {name!r}: weight_schedule must be one of "
+                f"{WEIGHT_SCHEDULES}, got {schedule!r}"
+            )
         params = inspect.signature(_TERMS[name]).parameters
         unknown = [k for k in options if k not in _SPEC_KEYS and k not in params]
         if unknown:
@@ -139,8 +157,10 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
             raise ValueError(f"loss term {name!r} has no option(s) {unknown}; options: {allowed}")
         start = options.get("start_epoch", 0)
         if not isinstance(start, int) or start < 0:
-            raise ValueError(f"loss term {name!r}: start_epoch must be an integer >= 0 (0 or 1: "
-                             f"from the start), got {start!r}")
+            raise ValueError(
+                f"loss term {name!r}: start_epoch must be an integer >= 0 (0 or 1: "
+                f"from the start), got {start!r}"
+            )
         if weight != 0:
             active[name] = options
     if not active:
@@ -153,8 +173,11 @@ def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(name in _TEACHER_TERMS for name in validate_terms(spec))
 
 
-def term_modules(spec: Mapping[str, Mapping[str, Any]], student_acts: Mapping[str, Any],
-                 teacher_acts: Mapping[str, Any]) -> dict[str, nn.Module]:
+def term_modules(
+    spec: Mapping[str, Mapping[str, Any]],
+    student_acts: Mapping[str, Any],
+    teacher_acts: Mapping[str, Any],
+) -> dict[str, nn.Module]:
     """The parameterised modules of the active terms of ``spec``, by term name."""
     modules = {}
     for name, options in validate_terms(spec).items():
@@ -165,8 +188,9 @@ def term_modules(spec: Mapping[str, Mapping[str, Any]], student_acts: Mapping[st
     return modules
 
 
-def make_objective(spec: Mapping[str, Mapping[str, Any]]
-                   ) -> Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]:
+def make_objective(
+    spec: Mapping[str, Mapping[str, Any]],
+) -> Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]:
     """Compose named, weighted terms into ``objective(out) -> (loss, measurements)``.
 
     ``measurements`` holds every term's unweighted value under its name and the total as
@@ -198,6 +222,7 @@ def make_objective(spec: Mapping[str, Mapping[str, Any]]
 
 # --------------------------------------------------------------------------- the built-in terms
 
+
 @register_term("ce")
 def ce_term(out: StepOutputs) -> jax.Array:
     """Cross-entropy with the labels."""
@@ -205,22 +230,37 @@ def ce_term(out: StepOutputs) -> jax.Array:
 
 
 @register_term("kd", needs_teacher=True)
-def kd_term(out: StepOutputs, temperature: float = 4.0, alpha: float = 0.9,
-            legacy: bool = False) -> jax.Array:
+def kd_term(
+    out: StepOutputs, temperature: float = 4.0, alpha: float = 0.9, legacy: bool = False
+) -> jax.Array:
     """:func:`at_jax.losses.kd_loss`."""
     out.require_teacher("kd")
     assert out.teacher_logits is not None
-    return losses.kd_loss(out.student_logits, out.teacher_logits, out.labels, temperature,
-                          alpha, legacy)
+    return losses.kd_loss(
+        out.student_logits, out.teacher_logits, out.labels, temperature, alpha, legacy
+    )
 
 
 @register_term("at", needs_teacher=True)
-def at_term(out: StepOutputs, p: float = 2.0, reduce: str = "mean", mode: str = "code",
-            normalize: Optional[str] = "l2", pairs: losses.Pairs = "groups") -> jax.Array:
+def at_term(
+    out: StepOutputs,
+    p: float = 2.0,
+    reduce: str = "mean",
+    mode: str = "code",
+    normalize: Optional[str] = "l2",
+    pairs: losses.Pairs = "groups",
+) -> jax.Array:
     """The total of :func:`at_jax.losses.at_losses` (the reference's ``sum(at_losses)``)."""
     out.require_teacher("at")
-    return losses.at_losses(out.student_acts, out.teacher_acts, pairs, p=p, reduce=reduce,
-                            mode=mode, normalize=normalize)[0]
+    return losses.at_losses(
+        out.student_acts,
+        out.teacher_acts,
+        pairs,
+        p=p,
+        reduce=reduce,
+        mode=mode,
+        normalize=normalize,
+    )[0]
 
 
 class FActTAdapters(nn.Module):
@@ -241,14 +281,17 @@ class FActTAdapters(nn.Module):
         return out
 
 
-def factt_adapters(student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any],
-                   pairs: losses.Pairs = "groups") -> Optional[FActTAdapters]:
+def factt_adapters(
+    student_acts: Mapping[str, Any], teacher_acts: Mapping[str, Any], pairs: losses.Pairs = "groups"
+) -> Optional[FActTAdapters]:
     """1×1 adapters for the F-ActT pairs whose channel counts differ (None if all match)."""
     if not teacher_acts:
         return None
-    channels = {s: teacher_acts[t].shape[-1]
-                for s, t in losses.pair_activations(student_acts, teacher_acts, pairs)
-                if student_acts[s].shape[-1] != teacher_acts[t].shape[-1]}
+    channels = {
+        s: teacher_acts[t].shape[-1]
+        for s, t in losses.pair_activations(student_acts, teacher_acts, pairs)
+        if student_acts[s].shape[-1] != teacher_acts[t].shape[-1]
+    }
     return FActTAdapters(channels) if channels else None
 
 
@@ -259,9 +302,13 @@ def factt_term(out: StepOutputs, pairs: losses.Pairs = "groups") -> jax.Array:
     out.require_teacher("factt")
     adapt = out.term_module("factt")
     adapted = adapt(out.student_acts) if adapt is not None else out.student_acts
-    return sum((losses.factt_loss(adapted[s], out.teacher_acts[t])
-                for s, t in losses.pair_activations(out.student_acts, out.teacher_acts, pairs)),
-               jnp.zeros((), jnp.float32))
+    return sum(
+        (
+            losses.factt_loss(adapted[s], out.teacher_acts[t])
+            for s, t in losses.pair_activations(out.student_acts, out.teacher_acts, pairs)
+        ),
+        jnp.zeros((), jnp.float32),
+    )
 
 
 @register_term("grad_at", needs_teacher=True)
@@ -269,19 +316,22 @@ def grad_at_term(out: StepOutputs, squared: bool = True) -> jax.Array:
     """:func:`at_jax.gradient.grad_at_loss` (eq. 4)."""
     out.require_teacher("grad_at")
     assert out.teacher_fn is not None
-    return gradient.grad_at_loss(out.require_student_fn("grad_at"), out.teacher_fn, out.images,
-                                 out.labels, squared=squared)
+    return gradient.grad_at_loss(
+        out.require_student_fn("grad_at"), out.teacher_fn, out.images, out.labels, squared=squared
+    )
 
 
 @register_term("min_l2")
 def min_l2_term(out: StepOutputs, squared: bool = True) -> jax.Array:
     """:func:`at_jax.gradient.min_l2_loss` (double backprop)."""
-    return gradient.min_l2_loss(out.require_student_fn("min_l2"), out.images, out.labels,
-                                squared=squared)
+    return gradient.min_l2_loss(
+        out.require_student_fn("min_l2"), out.images, out.labels, squared=squared
+    )
 
 
 @register_term("symmetry")
 def symmetry_term(out: StepOutputs, squared: bool = True) -> jax.Array:
     """:func:`at_jax.gradient.symmetry_loss` (eq. 6)."""
-    return gradient.symmetry_loss(out.require_student_fn("symmetry"), out.images, out.labels,
-                                  squared=squared)
+    return gradient.symmetry_loss(
+        out.require_student_fn("symmetry"), out.images, out.labels, squared=squared
+    )

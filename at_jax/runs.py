@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
@@ -37,10 +37,22 @@ from at_jax.data.catalog import dataset_info, dataset_num_classes
 from at_jax.metrics import RESULTS_FILE
 from at_jax.models import forward
 
-__all__ = ["load_teacher", "Teacher", "restore_variables", "load_variables",
-           "load_run_variables", "read_config", "check_same_run", "finished_results",
-           "config_hash", "Checkpoints", "CheckpointError", "CONFIG_FILE", "CHECKPOINT_DIR",
-           "RESUMABLE_KEYS"]
+__all__ = [
+    "load_teacher",
+    "Teacher",
+    "restore_variables",
+    "load_variables",
+    "load_run_variables",
+    "read_config",
+    "check_same_run",
+    "finished_results",
+    "config_hash",
+    "Checkpoints",
+    "CheckpointError",
+    "CONFIG_FILE",
+    "CHECKPOINT_DIR",
+    "RESUMABLE_KEYS",
+]
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -48,15 +60,29 @@ CORRUPT_DIR = "corrupt_checkpoints"
 
 # Fields that may change when a run is resumed (extending it, moving its data, how it is fed and
 # reported); any other change means a different run, which must not be mixed into this workdir.
-RESUMABLE_KEYS = ("num_epochs", "checkpoint_every_epochs", "checkpoint_every_steps",
-                  "keep_checkpoints", "eval_batch_size", "eval_every_epochs", "log_every_steps",
-                  "data.data_dir", "data.source", "data.prefetch", "compilation_cache_dir")
+RESUMABLE_KEYS = (
+    "num_epochs",
+    "checkpoint_every_epochs",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_every_epochs",
+    "log_every_steps",
+    "data.data_dir",
+    "data.source",
+    "data.prefetch",
+    "compilation_cache_dir",
+)
 
 
 # Keys added after runs were made, at the value that keeps such runs' meaning: a saved config
 # without them is the same run (its hash does not change either).
-NEUTRAL_DEFAULTS = {"init_from": "", "freeze.batch_norm": False, "freeze.modules": [],
-                    "optimizer.lr_batch_size": 0}
+NEUTRAL_DEFAULTS = {
+    "init_from": "",
+    "freeze.batch_norm": False,
+    "freeze.modules": [],
+    "optimizer.lr_batch_size": 0,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -68,11 +94,17 @@ def flat_config(config) -> dict[str, Any]:
     (weight 0): they do not change the run's numbers."""
     as_dict = config if isinstance(config, dict) else json.loads(config.to_json())
     flat = traverse_util.flatten_dict(as_dict, sep=".")
-    off = {k.split(".")[1] for k, v in flat.items()
-           if k.startswith("loss.") and k.endswith(".weight") and v == 0}
-    return {k: v for k, v in flat.items()
-            if not (k.startswith("loss.") and k.split(".")[1] in off and not k.endswith(".weight"))
-            and not (k in NEUTRAL_DEFAULTS and _json(v) == NEUTRAL_DEFAULTS[k])}
+    off = {
+        k.split(".")[1]
+        for k, v in flat.items()
+        if k.startswith("loss.") and k.endswith(".weight") and v == 0
+    }
+    return {
+        k: v
+        for k, v in flat.items()
+        if not (k.startswith("loss.") and k.split(".")[1] in off and not k.endswith(".weight"))
+        and not (k in NEUTRAL_DEFAULTS and _json(v) == NEUTRAL_DEFAULTS[k])
+    }
 
 
 def _json(value):
@@ -102,15 +134,18 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(path) as f:
         saved = flat_config(json.load(f))
     new = flat_config(config)
-    differ = sorted(k for k in set(saved) | set(new)
-                    if saved.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    differ = sorted(
+        k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_KEYS
+    )
     if differ:
-        shown = ", ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-                          for k in differ[:6])
+        shown = ", ".join(
+            f"{k}: {saved.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in differ[:6]
+        )
         raise ValueError(
             f"{workdir!r} holds a run with a different config ({shown}"
             f"{', ...' if len(differ) > 6 else ''}). Use a new --workdir for a new run, or delete "
-            f"{workdir!r} to start over; only {', '.join(RESUMABLE_KEYS)} may change on resume.")
+            f"{workdir!r} to start over; only {', '.join(RESUMABLE_KEYS)} may change on resume."
+        )
 
 
 def finished_results(workdir: str, config: ml_collections.ConfigDict) -> Optional[dict]:
@@ -125,6 +160,7 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> Optiona
 
 
 # --------------------------------------------------------------------------- checkpoints
+
 
 def _handlers(streamed: bool) -> dict:
     """The checkpoint's items: train state, JSON metadata and (streamed runs) Grain's state."""
@@ -146,8 +182,10 @@ class Checkpoints:
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.streamed = streamed
         self.manager = ocp.CheckpointManager(
-            self.directory, item_handlers=_handlers(streamed),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory,
+            item_handlers=_handlers(streamed),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -183,14 +221,17 @@ class Checkpoints:
             reasons = "; ".join(f"step {step}: {reason}" for step, reason in failures)
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory} ({reasons}). Delete "
-                f"{self.workdir!r} (or its checkpoints/) to start the run over.")
+                f"{self.workdir!r} (or its checkpoints/) to start the run over."
+            )
         return None
 
     def _set_aside(self, failures: list[tuple[int, str]]) -> None:
         """Move unreadable checkpoints to ``WORKDIR/corrupt_checkpoints`` (kept, not deleted)."""
         for step, reason in failures:
-            message = (f"checkpoint {step} in {self.directory} is unreadable ({reason}); "
-                       "resuming from an older one")
+            message = (
+                f"checkpoint {step} in {self.directory} is unreadable ({reason}); "
+                "resuming from an older one"
+            )
             logging.warning(message)
             if jax.process_index() == 0:
                 print(f"warning: {message}", flush=True)
@@ -208,27 +249,33 @@ class Checkpoints:
 
 # --------------------------------------------------------------------------- teacher
 
+
 def _local(metadata: Any) -> Any:
     """Abstract arrays on this process's first device for a tree of array metadata: a run saved
     on another topology (8 GPUs, 2 hosts) restores on this one."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        metadata, is_leaf=lambda m: hasattr(m, "shape"))
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        metadata,
+        is_leaf=lambda m: hasattr(m, "shape"),
+    )
 
 
-def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = None,
-                      what: str = "teacher workdir"
-                      ) -> tuple[dict, ml_collections.ConfigDict, str]:
+def restore_variables(
+    workdir: str, seed_index: int = 0, step: Optional[int] = None, what: str = "teacher workdir"
+) -> tuple[dict, ml_collections.ConfigDict, str]:
     """``(variables, config, where)`` of a run: ``{"params", "batch_stats"}`` of seed
     ``seed_index`` from its newest checkpoint (or ``step``), on this process's first device, and
     the run's config. Only the student's parameters and BN statistics are read (not the optimizer
     state). ``what`` names the setting that pointed here, for error messages."""
     config = read_config(workdir)
     if config is None:
-        raise FileNotFoundError(f"{what} {workdir!r} has no {CONFIG_FILE}: train that run first "
-                                "(python -m at_jax.main --config configs/... --workdir "
-                                f"{workdir}) or convert torchvision weights into it "
-                                "(python -m at_jax.convert)")
+        raise FileNotFoundError(
+            f"{what} {workdir!r} has no {CONFIG_FILE}: train that run first "
+            "(python -m at_jax.main --config configs/... --workdir "
+            f"{workdir}) or convert torchvision weights into it "
+            "(python -m at_jax.convert)"
+        )
     ckpt_dir = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not os.path.isdir(ckpt_dir) or _any_step(ckpt_dir) is None:
         raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
@@ -246,14 +293,22 @@ def restore_variables(workdir: str, seed_index: int = 0, step: Optional[int] = N
             wanted["batch_stats"] = _local(saved["batch_stats"])
         n_seeds = int(saved["step"].shape[0])
         target = {"train_state": wanted}
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))["state"]["train_state"]
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]["train_state"]
     finally:
         manager.close()
     if not 0 <= seed_index < n_seeds:
-        raise ValueError(f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} "
-                         "seed(s)")
+        raise ValueError(
+            f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} seed(s)"
+        )
     pick = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[seed_index]), tree)  # noqa: E731
     variables = {"params": pick(restored["params"]["student"])}
     if restored.get("batch_stats"):
@@ -267,9 +322,13 @@ def load_variables(workdir: str, seed_index: int = 0, what: str = "config.init_f
     return jax.device_get(variables)
 
 
-def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_index: int = 0,
-                       step: Optional[int] = None
-                       ) -> tuple[Any, dict, ml_collections.ConfigDict]:
+def load_run_variables(
+    workdir: str,
+    num_classes: int,
+    image_shape: tuple,
+    seed_index: int = 0,
+    step: Optional[int] = None,
+) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """Restore a trained run's model for evaluation: ``(model, variables, config)``.
 
     Architecture from its ``config.json``, variables from its newest checkpoint (or ``step``),
@@ -279,17 +338,26 @@ def load_run_variables(workdir: str, num_classes: int, image_shape: tuple, seed_
     return model, variables, config
 
 
-def _evaluation_model(workdir: str, variables: dict, config: ml_collections.ConfigDict,
-                      where: str, num_classes: int, image_shape: tuple) -> nn.Module:
+def _evaluation_model(
+    workdir: str,
+    variables: dict,
+    config: ml_collections.ConfigDict,
+    where: str,
+    num_classes: int,
+    image_shape: tuple,
+) -> nn.Module:
     """The run's model (float32) for ``num_classes`` and ``image_shape``, checked against its
     restored ``variables``."""
     trained_classes = dataset_num_classes(config)
     if trained_classes not in (None, num_classes):
-        raise ValueError(f"teacher in {workdir!r} was trained on {config.data.name} "
-                         f"({trained_classes} classes); this run has {num_classes} classes")
+        raise ValueError(
+            f"teacher in {workdir!r} was trained on {config.data.name} "
+            f"({trained_classes} classes); this run has {num_classes} classes"
+        )
     model = step_lib.build_model(config, num_classes)
-    expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+    expected = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, *tuple(image_shape)), jnp.float32)
+    )
     try:  # the same check as a fine-tuning start, where only the classifier may differ
         replaced = finetune.plan(expected, variables, config.model, num_classes, workdir)
     except ValueError:
@@ -297,22 +365,29 @@ def _evaluation_model(workdir: str, variables: dict, config: ml_collections.Conf
             f"the checkpoint in {where} does not match the architecture in "
             f"{os.path.join(workdir, CONFIG_FILE)} (model {config.model!r}, {num_classes} "
             f"classes, input {tuple(image_shape)}): was config.json edited, or the checkpoint "
-            "copied from another run?") from None
+            "copied from another run?"
+        ) from None
     if replaced:
         trained = traverse_util.flatten_dict(variables)[min(replaced)].shape[-1]
-        raise ValueError(f"the run in {workdir!r} classifies {trained} classes; this run has "
-                         f"{num_classes}. A teacher must know this run's classes: fine-tune it "
-                         "on this data first (config.init_from, e.g. configs/transfer.py:"
-                         "teacher,DATASET)")
+        raise ValueError(
+            f"the run in {workdir!r} classifies {trained} classes; this run has "
+            f"{num_classes}. A teacher must know this run's classes: fine-tune it "
+            "on this data first (config.init_from, e.g. configs/transfer.py:"
+            "teacher,DATASET)"
+        )
     # The teacher computes in float32 even if the student uses bfloat16.
     return model.clone(dtype=jnp.float32)
 
 
-def _saved_num_classes(config: ml_collections.ConfigDict, variables: dict,
-                       image_shape: tuple) -> int:
+def _saved_num_classes(
+    config: ml_collections.ConfigDict, variables: dict, image_shape: tuple
+) -> int:
     """The class count of a run's classifier, read off its variables (image-folder runs)."""
-    expected = jax.eval_shape(step_lib.build_model(config, 1).init, jax.random.key(0),
-                              jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+    expected = jax.eval_shape(
+        step_lib.build_model(config, 1).init,
+        jax.random.key(0),
+        jnp.zeros((1, *tuple(image_shape)), jnp.float32),
+    )
     new = traverse_util.flatten_dict(expected)
     old = traverse_util.flatten_dict(variables)
     classes = {old[p].shape[-1] for p in new if p in old and new[p].shape != old[p].shape}
@@ -330,8 +405,17 @@ class Teacher:
     Built by :func:`load_teacher`.
     """
 
-    def __init__(self, model: nn.Module, variables: dict, num_classes: int, image_shape: tuple,
-                 mean: tuple, std: tuple, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        variables: dict,
+        num_classes: int,
+        image_shape: tuple,
+        mean: tuple,
+        std: tuple,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+    ):
         self.model, self.variables = model, variables
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -345,9 +429,11 @@ class Teacher:
         if x.ndim == 3 and self.image_shape[-1] == 1:
             x = x[..., None]
         if x.ndim != 4 or x.shape[-1] != self.image_shape[-1]:
-            raise ValueError(f"the teacher in {self.workdir!r} takes images of shape (B, H, W, "
-                             f"{self.image_shape[-1]}) (trained on {self.image_shape}); got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"the teacher in {self.workdir!r} takes images of shape (B, H, W, "
+                f"{self.image_shape[-1]}) (trained on {self.image_shape}); got "
+                f"{tuple(x.shape)}"
+            )
         if x.dtype != jnp.uint8:
             raise ValueError(f"preprocess takes uint8 images (0-255), got {x.dtype}")
         return normalize(x, self.mean, self.std)
@@ -362,13 +448,18 @@ class Teacher:
         """``(logits, acts)`` of uint8 images, preprocessed as in training (float input is taken
         as already preprocessed). Eval mode, jitted; no gradient flows to the teacher's
         variables (they are not an argument)."""
-        x = images if jnp.issubdtype(jnp.asarray(images).dtype, jnp.floating) else \
-            self.preprocess(images)
+        x = (
+            images
+            if jnp.issubdtype(jnp.asarray(images).dtype, jnp.floating)
+            else self.preprocess(images)
+        )
         return self.apply(x)
 
     def __repr__(self) -> str:
-        return (f"Teacher({self.config.model!r} from {self.workdir!r}, {self.num_classes} "
-                f"classes, images {self.image_shape})")
+        return (
+            f"Teacher({self.config.model!r} from {self.workdir!r}, {self.num_classes} "
+            f"classes, images {self.image_shape})"
+        )
 
 
 def load_teacher(workdir: str, seed_index: int = 0) -> Teacher:
@@ -386,5 +477,6 @@ def load_teacher(workdir: str, seed_index: int = 0) -> Teacher:
     image_shape = tuple(info["image_shape"])
     num_classes = info["num_classes"] or _saved_num_classes(config, variables, image_shape)
     model = _evaluation_model(workdir, variables, config, where, num_classes, image_shape)
-    return Teacher(model, variables, num_classes, image_shape, info["mean"], info["std"], config,
-                   workdir)
+    return Teacher(
+        model, variables, num_classes, image_shape, info["mean"], info["std"], config, workdir
+    )

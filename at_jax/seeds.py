@@ -12,7 +12,8 @@ unrolled call per seed in the same program.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,10 @@ def map_seeds(fn: Callable, num_seeds: int, strategy: str, in_axes: tuple) -> Ca
         return arg if axis is None else jax.tree.map(lambda a: a[s], arg)
 
     def unrolled(*args: Any) -> Any:
-        outputs = [fn(*(take(a, ax, s) for a, ax in zip(args, in_axes, strict=True)))
-                   for s in range(num_seeds)]
+        outputs = [
+            fn(*(take(a, ax, s) for a, ax in zip(args, in_axes, strict=True)))
+            for s in range(num_seeds)
+        ]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
     return unrolled

@@ -7,14 +7,22 @@ parameters, the teacher's variables and in-memory datasets are replicated over i
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["Mesh", "NamedSharding", "PartitionSpec", "data_mesh", "global_array", "replicated",
-           "sharded"]
+__all__ = [
+    "Mesh",
+    "NamedSharding",
+    "PartitionSpec",
+    "data_mesh",
+    "global_array",
+    "replicated",
+    "sharded",
+]
 
 
 def data_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:

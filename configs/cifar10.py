@@ -6,8 +6,11 @@
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
      at_fmax1 — see at_jax/recipes.py)
 
-Students read their teacher from runs/cifar10/wrn-16-2 (override with --config.teacher.workdir);
-other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: student 8.77 · AT 7.93 · F-ActT 8.51 · KD 7.41 · AT+KD 7.51 · teacher (WRN-16-2) 6.31 (% test error, paper Table 1, WRN-16-2 → WRN-16-1; 200 epochs; runtime: a full run has not been timed yet, see benchmarks/RESULTS.md for measured step throughput).
+Students read their teacher from runs/cifar10/wrn-16-2 (override with
+--config.teacher.workdir); other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc.
+Expected (% test error, paper Table 1, WRN-16-2 → WRN-16-1, 200 epochs): student 8.77 · AT 7.93
+· F-ActT 8.51 · KD 7.41 · AT+KD 7.51 · teacher (WRN-16-2) 6.31. Runtime: a full run has not
+been timed yet (see benchmarks/RESULTS.md for measured step throughput).
 
 KD uses the reference code's 2017 form (``loss.kd.legacy=True``: 2/C times today's KL term), the
 one the paper's numbers came from; ``--config.loss.kd.legacy=False`` for today's. BN scales start

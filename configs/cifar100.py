@@ -6,8 +6,10 @@
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
      at_fmax1 — see at_jax/recipes.py)
 
-Students read their teacher from runs/cifar100/wrn-16-2 (override with --config.teacher.workdir);
-other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc. Expected: peers report (WRN-40-2 → WRN-16-2, 240 epochs) top-1 accuracy: teacher 75.61, student 73.26, KD 74.92, AT 74.08.
+Students read their teacher from runs/cifar100/wrn-16-2 (override with
+--config.teacher.workdir); other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc.
+Expected: peers report (WRN-40-2 → WRN-16-2, 240 epochs) top-1 accuracy: teacher 75.61, student
+73.26, KD 74.92, AT 74.08.
 
 KD uses today's form (``loss.kd.legacy=False``, what the CIFAR-100 peers ran); BN scales start
 from U(0, 1) as in the reference CIFAR code.

@@ -52,8 +52,10 @@ TEACHER_WORKDIR = "runs/torchvision/resnet-34"
 
 def get_config(method: str = "student"):
     if method not in METHODS:
-        raise ValueError(f"configs/imagenet.py takes a METHOD in {METHODS} (e.g. "
-                         f"configs/imagenet.py:at), got {method!r}")
+        raise ValueError(
+            f"configs/imagenet.py takes a METHOD in {METHODS} (e.g. "
+            f"configs/imagenet.py:at), got {method!r}"
+        )
     config = recipes.base_config()
     config.model = "resnet-34" if method == "teacher" else "resnet-18"
     config.data.name = "imagefolder"

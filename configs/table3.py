@@ -1,9 +1,11 @@
 """Table 3: gradient-based attention on a thin NIN student without batch norm (paper §4.1.3).
 
-    python -m at_jax.main --config configs/table3.py:teacher       --workdir runs/table3/cifar10/teacher
-    python -m at_jax.main --config configs/table3.py:teacher_at    --workdir runs/table3/cifar10/teacher_at
-    python -m at_jax.main --config configs/table3.py:baseline      --workdir runs/table3/cifar10/baseline
-    python -m at_jax.main --config configs/table3.py:grad_at       --workdir runs/table3/cifar10/grad_at
+    python -m at_jax.main --config configs/table3.py:teacher \
+        --workdir runs/table3/cifar10/teacher
+    python -m at_jax.main --config configs/table3.py:teacher_at \
+        --workdir runs/table3/cifar10/teacher_at
+    python -m at_jax.main --config configs/table3.py:grad_at \
+        --workdir runs/table3/cifar10/grad_at
     python -m at_jax.main --config "configs/table3.py:symmetry,fashion_mnist" --workdir ...
 
 Methods: teacher, teacher_at, baseline, min_l2, grad_at, kd, symmetry, at (activation-based).
@@ -23,10 +25,16 @@ from at_jax import recipes
 
 GRADIENT_BETA = 1.0
 TEACHERS = {
-    "teacher": {"model": "nin-wide", "model_overrides.batch_norm": True,
-                "model_overrides.relu_before_pool": True},
-    "teacher_at": {"model": "nin-wide", "model_overrides.batch_norm": True,
-                   "model_overrides.relu_before_pool": False},
+    "teacher": {
+        "model": "nin-wide",
+        "model_overrides.batch_norm": True,
+        "model_overrides.relu_before_pool": True,
+    },
+    "teacher_at": {
+        "model": "nin-wide",
+        "model_overrides.batch_norm": True,
+        "model_overrides.relu_before_pool": False,
+    },
 }
 STUDENTS = {
     "baseline": ({}, None),

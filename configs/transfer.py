@@ -55,8 +55,10 @@ TEACHER_WORKDIR = "runs/transfer/{dataset}/teacher"
 def get_config(arg: str = "student,cub"):
     parts = [p.strip() for p in arg.split(",")]
     if len(parts) != 2 or parts[0] not in METHODS or parts[1] not in DATASETS:
-        raise ValueError(f"configs/transfer.py takes METHOD,DATASET with METHOD in {METHODS} and "
-                         f"DATASET in {DATASETS} (e.g. configs/transfer.py:at,cub), got {arg!r}")
+        raise ValueError(
+            f"configs/transfer.py takes METHOD,DATASET with METHOD in {METHODS} and "
+            f"DATASET in {DATASETS} (e.g. configs/transfer.py:at,cub), got {arg!r}"
+        )
     method, dataset = parts
     config = recipes.base_config()
     config.model = "resnet-34" if method == "teacher" else "resnet-18"

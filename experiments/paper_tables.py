@@ -44,26 +44,83 @@ TABLE1_PAIRS = {
     "wrn-16-1,wrn-40-1": ("wrn-16-1", "wrn-40-1"),
     "wrn-16-2,wrn-40-2": ("wrn-16-2", "wrn-40-2"),
 }
-TABLE1_COLUMNS = (("student", "student"), ("AT", "at"), ("F-ActT", "factt"), ("KD", "kd"),
-                  ("AT+KD", "at_kd_decay"))
+TABLE1_COLUMNS = (
+    ("student", "student"),
+    ("AT", "at"),
+    ("F-ActT", "factt"),
+    ("KD", "kd"),
+    ("AT+KD", "at_kd_decay"),
+)
 PAPER = {
-    1: {"nin": {"student": 9.38, "AT": 8.93, "F-ActT": 9.05, "KD": 8.55, "AT+KD": 8.33,
-                "teacher": 7.28},
-        "wrn-16-1,wrn-16-2": {"student": 8.77, "AT": 7.93, "F-ActT": 8.51, "KD": 7.41,
-                              "AT+KD": 7.51, "teacher": 6.31},
-        "wrn-16-1,wrn-40-1": {"student": 8.77, "AT": 8.25, "F-ActT": 8.62, "KD": 8.39,
-                              "AT+KD": 8.01, "teacher": 6.58},
-        "wrn-16-2,wrn-40-2": {"student": 6.31, "AT": 5.85, "F-ActT": 6.24, "KD": 6.08,
-                              "AT+KD": 5.71, "teacher": 5.23}},
-    2: {"wrn-16-1,wrn-16-2": {"none": 8.77, "F_sum": 7.99, "F_sum^2": 7.93, "F_sum^4": 8.09,
-                              "F_max^1": 8.08}},
-    3: {"nin": {"baseline": 13.5, "min-l2": 12.5, "grad-AT": 12.1, "KD": 12.1,
-                "symmetry": 11.8, "AT": 11.2}},
+    1: {
+        "nin": {
+            "student": 9.38,
+            "AT": 8.93,
+            "F-ActT": 9.05,
+            "KD": 8.55,
+            "AT+KD": 8.33,
+            "teacher": 7.28,
+        },
+        "wrn-16-1,wrn-16-2": {
+            "student": 8.77,
+            "AT": 7.93,
+            "F-ActT": 8.51,
+            "KD": 7.41,
+            "AT+KD": 7.51,
+            "teacher": 6.31,
+        },
+        "wrn-16-1,wrn-40-1": {
+            "student": 8.77,
+            "AT": 8.25,
+            "F-ActT": 8.62,
+            "KD": 8.39,
+            "AT+KD": 8.01,
+            "teacher": 6.58,
+        },
+        "wrn-16-2,wrn-40-2": {
+            "student": 6.31,
+            "AT": 5.85,
+            "F-ActT": 6.24,
+            "KD": 6.08,
+            "AT+KD": 5.71,
+            "teacher": 5.23,
+        },
+    },
+    2: {
+        "wrn-16-1,wrn-16-2": {
+            "none": 8.77,
+            "F_sum": 7.99,
+            "F_sum^2": 7.93,
+            "F_sum^4": 8.09,
+            "F_max^1": 8.08,
+        }
+    },
+    3: {
+        "nin": {
+            "baseline": 13.5,
+            "min-l2": 12.5,
+            "grad-AT": 12.1,
+            "KD": 12.1,
+            "symmetry": 11.8,
+            "AT": 11.2,
+        }
+    },
 }
-TABLE2_COLUMNS = (("none", "student"), ("F_sum", "at_fsum"), ("F_sum^2", "at_fsum2"),
-                  ("F_sum^4", "at_fsum4"), ("F_max^1", "at_fmax1"))
-TABLE3_COLUMNS = (("baseline", "baseline"), ("min-l2", "min_l2"), ("grad-AT", "grad_at"),
-                  ("KD", "kd"), ("symmetry", "symmetry"), ("AT", "at"))
+TABLE2_COLUMNS = (
+    ("none", "student"),
+    ("F_sum", "at_fsum"),
+    ("F_sum^2", "at_fsum2"),
+    ("F_sum^4", "at_fsum4"),
+    ("F_max^1", "at_fmax1"),
+)
+TABLE3_COLUMNS = (
+    ("baseline", "baseline"),
+    ("min-l2", "min_l2"),
+    ("grad-AT", "grad_at"),
+    ("KD", "kd"),
+    ("symmetry", "symmetry"),
+    ("AT", "at"),
+)
 
 FLAGS = flags.FLAGS
 
@@ -73,8 +130,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("dataset", "cifar10", list(DATASET_CONFIGS), "Dataset.")
     flags.DEFINE_integer("seeds", 5, "Seeds per run (trained together in one program).")
     flags.DEFINE_string("root", "runs/tables", "Where runs, tables and figures go.")
-    flags.DEFINE_string("pair", "wrn-16-1,wrn-16-2", "Table 1 row(s): "
-                        f"{', '.join(TABLE1_PAIRS)} or all.")
+    flags.DEFINE_string(
+        "pair", "wrn-16-1,wrn-16-2", f"Table 1 row(s): {', '.join(TABLE1_PAIRS)} or all."
+    )
     flags.DEFINE_integer("teacher_epochs", 0, "Teacher epochs (0: the config's).")
     flags.DEFINE_integer("student_epochs", 0, "Student epochs (0: the config's).")
     flags.DEFINE_integer("train_size", 0, "Training examples (0: all).")
@@ -82,15 +140,19 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "", "config.data.data_dir for every run.")
     flags.DEFINE_string("student_model", "", "Replace every student model (quick checks).")
     flags.DEFINE_string("teacher_model", "", "Replace every teacher model (quick checks).")
-    flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
-                        "JAX's persistent compilation cache ('' = off).")
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        default_cache_dir(),
+        "JAX's persistent compilation cache ('' = off).",
+    )
 
 
 def _shorten(config, epochs: int, options: dict) -> None:
     if epochs:
         config.num_epochs = epochs
-        config.optimizer.lr_decay_epochs = tuple(sorted(
-            {max(1, round(epochs * f)) for f in (0.3, 0.6, 0.8)}))
+        config.optimizer.lr_decay_epochs = tuple(
+            sorted({max(1, round(epochs * f)) for f in (0.3, 0.6, 0.8)})
+        )
     for key in ("train_size", "test_size", "data_dir"):
         if options.get(key):
             config.data[key] = options[key]
@@ -113,15 +175,28 @@ def plan(table: int, dataset: str, root: str, options: dict, pairs=None) -> list
 
     if table == 3:
         for name in table3.TEACHERS:
-            add("nin", name, os.path.join(base, "table3", name),
-                table3.get_config(f"{name},{dataset}"), options["teacher_epochs"], True)
+            add(
+                "nin",
+                name,
+                os.path.join(base, "table3", name),
+                table3.get_config(f"{name},{dataset}"),
+                options["teacher_epochs"],
+                True,
+            )
         for column, method in TABLE3_COLUMNS:
             config = table3.get_config(f"{method},{dataset}")
             if config.teacher.workdir:
-                config.teacher.workdir = os.path.join(base, "table3",
-                                                      os.path.basename(config.teacher.workdir))
-            add("nin", column, os.path.join(base, "table3", method), config,
-                options["student_epochs"], False)
+                config.teacher.workdir = os.path.join(
+                    base, "table3", os.path.basename(config.teacher.workdir)
+                )
+            add(
+                "nin",
+                column,
+                os.path.join(base, "table3", method),
+                config,
+                options["student_epochs"],
+                False,
+            )
         return runs
     module = DATASET_CONFIGS[dataset]
     rows = pairs or (["wrn-16-1,wrn-16-2"] if table == 2 else list(TABLE1_PAIRS))
@@ -146,9 +221,11 @@ def run_all(runs: list[dict], progress: bool = True) -> list[dict]:
     """Train (or reuse) every run in order, saying which one of how many is going."""
     for i, run in enumerate(runs, 1):
         config = run["config"]
-        print(f"\n[{i}/{len(runs)}] {run['row']} {run['column']}: {config.model}, "
-              f"{config.num_seeds} seed(s), {config.num_epochs} epochs -> {run['workdir']}",
-              flush=True)
+        print(
+            f"\n[{i}/{len(runs)}] {run['row']} {run['column']}: {config.model}, "
+            f"{config.num_seeds} seed(s), {config.num_epochs} epochs -> {run['workdir']}",
+            flush=True,
+        )
         run["results"] = train.train_and_evaluate(config, run["workdir"], progress=progress)
     return runs
 
@@ -164,39 +241,59 @@ def summarise(table: int, dataset: str, runs: list[dict]) -> dict:
         errors = _per_seed(run["results"])
         reference = PAPER[table].get(run["row"], {}).get(run["column"])
         cells.setdefault(run["row"], {})[run["column"]] = {
-            "median": float(np.median(errors)), "min": float(np.min(errors)),
-            "max": float(np.max(errors)), "seeds": errors,
+            "median": float(np.median(errors)),
+            "min": float(np.min(errors)),
+            "max": float(np.max(errors)),
+            "seeds": errors,
             # the paper's number for this cell: on CIFAR-10 a comparison, elsewhere a reference
             "paper": reference if dataset == "cifar10" else None,
             "paper_cifar10": reference,
-            "epochs": run["results"]["epochs"], "workdir": run["workdir"],
-            "attention_distance": run["results"].get("final_attention_distance", {}).get("mean")}
+            "epochs": run["results"]["epochs"],
+            "workdir": run["workdir"],
+            "attention_distance": run["results"].get("final_attention_distance", {}).get("mean"),
+        }
     return cells
 
 
 def markdown(table: int, dataset: str, cells: dict, command: str) -> str:
     on_cifar10 = dataset == "cifar10"
-    lines = [f"# Table {table} — {dataset}", "",
-             "Test error % at the last epoch: median over seeds (min–max)"
-             + (", the paper's number in brackets." if on_cifar10 else
-                f". The paper reports CIFAR-10 only: its numbers are shown in their own row, as "
-                f"a reference from another dataset, not as a target for {dataset}.")
-             + f" Produced by `{command}`.", ""]
+    lines = [
+        f"# Table {table} — {dataset}",
+        "",
+        "Test error % at the last epoch: median over seeds (min–max)"
+        + (
+            ", the paper's number in brackets."
+            if on_cifar10
+            else f". The paper reports CIFAR-10 only: its numbers are shown in their own row, as "
+            f"a reference from another dataset, not as a target for {dataset}."
+        )
+        + f" Produced by `{command}`.",
+        "",
+    ]
     for row, columns in cells.items():
         names = list(columns)
-        lines += [f"## {row}", "", "| run | " + " | ".join(names) + " |",
-                  "|" + "---|" * (len(names) + 1)]
+        lines += [
+            f"## {row}",
+            "",
+            "| run | " + " | ".join(names) + " |",
+            "|" + "---|" * (len(names) + 1),
+        ]
         shown = []
         for name in names:
             c = columns[name]
             paper = f" [{c['paper']:.2f}]" if c["paper"] is not None else ""
             spread = f" ({c['min']:.2f}–{c['max']:.2f})" if len(c["seeds"]) > 1 else ""
             shown.append(f"{c['median']:.2f}{spread}{paper}")
-        lines.append(f"| {'at_jax' if on_cifar10 else f'at_jax, {dataset}'} | "
-                     + " | ".join(shown) + " |")
+        lines.append(
+            f"| {'at_jax' if on_cifar10 else f'at_jax, {dataset}'} | " + " | ".join(shown) + " |"
+        )
         if not on_cifar10:
-            reference = [f"{columns[n]['paper_cifar10']:.2f}"
-                         if columns[n].get("paper_cifar10") is not None else "–" for n in names]
+            reference = [
+                f"{columns[n]['paper_cifar10']:.2f}"
+                if columns[n].get("paper_cifar10") is not None
+                else "–"
+                for n in names
+            ]
             lines.append("| the paper, CIFAR-10 (reference) | " + " | ".join(reference) + " |")
         lines.append("")
         seeds = max(len(c["seeds"]) for c in columns.values())
@@ -208,16 +305,25 @@ def markdown(table: int, dataset: str, cells: dict, command: str) -> str:
 def curves(path: str, table: int, dataset: str, runs: list[dict]) -> str:
     """Test error per epoch for each column (median over seeds), one panel per row."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = list(dict.fromkeys(r["row"] for r in runs))
     fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    for ax, row in zip(axes[0], rows, strict=True):
         for run in (r for r in runs if r["row"] == row):
-            history = [r for r in read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))
-                       if "test/error" in r]
-            ax.plot([r["epoch"] for r in history], [r["test/error"] for r in history],
-                    label=run["column"], marker="." if len(history) < 30 else None)
+            history = [
+                r
+                for r in read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))
+                if "test/error" in r
+            ]
+            ax.plot(
+                [r["epoch"] for r in history],
+                [r["test/error"] for r in history],
+                label=run["column"],
+                marker="." if len(history) < 30 else None,
+            )
         ax.set_title(f"Table {table}, {dataset}: {row}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error % (median over seeds)")
@@ -229,8 +335,15 @@ def curves(path: str, table: int, dataset: str, runs: list[dict]) -> str:
     return path
 
 
-def make_table(table: int, dataset: str, root: str, options: dict, pairs=None,
-               command: Optional[str] = None, progress: bool = True) -> dict:
+def make_table(
+    table: int,
+    dataset: str,
+    root: str,
+    options: dict,
+    pairs=None,
+    command: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
     """Train what the table needs and write its markdown, JSON and curves; returns the cells."""
     runs = run_all(plan(table, dataset, root, options, pairs), progress)
     cells = summarise(table, dataset, runs)
@@ -238,8 +351,16 @@ def make_table(table: int, dataset: str, root: str, options: dict, pairs=None,
     command = command or f"python -m experiments.paper_tables --table {table} --dataset {dataset}"
     with open(stem + ".md", "w") as f:
         f.write(markdown(table, dataset, cells, command))
-    write_json_atomic(stem + ".json", {"table": table, "dataset": dataset, "command": command,
-                                       "options": options, "cells": cells})
+    write_json_atomic(
+        stem + ".json",
+        {
+            "table": table,
+            "dataset": dataset,
+            "command": command,
+            "options": options,
+            "cells": cells,
+        },
+    )
     curves(stem + "_curves.png", table, dataset, runs)
     return cells
 
@@ -254,21 +375,42 @@ def main(argv):
     pairs = None
     if table == 1 and FLAGS.pair != "all":
         if FLAGS.pair not in TABLE1_PAIRS:
-            raise app.UsageError(f"unknown --pair {FLAGS.pair!r}; known: "
-                                 f"{', '.join(TABLE1_PAIRS)}, all")
+            raise app.UsageError(
+                f"unknown --pair {FLAGS.pair!r}; known: {', '.join(TABLE1_PAIRS)}, all"
+            )
         pairs = [FLAGS.pair]
-    options = {k: FLAGS[k].value for k in ("seeds", "teacher_epochs", "student_epochs",
-                                           "train_size", "test_size", "data_dir",
-                                           "student_model", "teacher_model")}
+    options = {
+        k: FLAGS[k].value
+        for k in (
+            "seeds",
+            "teacher_epochs",
+            "student_epochs",
+            "train_size",
+            "test_size",
+            "data_dir",
+            "student_model",
+            "teacher_model",
+        )
+    }
     os.makedirs(FLAGS.root, exist_ok=True)
     command = "python -m experiments.paper_tables " + " ".join(
-        f"--{k}={FLAGS[k].value}" for k in ("table", "dataset", "seeds", "root", "pair")
-        + tuple(k for k, v in options.items() if v and k != "seeds"))
+        f"--{k}={FLAGS[k].value}"
+        for k in (
+            "table",
+            "dataset",
+            "seeds",
+            "root",
+            "pair",
+            *tuple(k for k, v in options.items() if v and k != "seeds"),
+        )
+    )
     make_table(table, FLAGS.dataset, FLAGS.root, options, pairs, command)
     stem = os.path.join(FLAGS.root, f"table{table}_{FLAGS.dataset}")
-    print(open(stem + ".md").read())
-    print(f"written: {stem}.md, {stem}.json, {stem}_curves.png "
-          f"({(time.time() - start) / 60:.1f} min)")
+    with open(stem + ".md") as f:
+        print(f.read())
+    print(
+        f"written: {stem}.md, {stem}.json, {stem}_curves.png ({(time.time() - start) / 60:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

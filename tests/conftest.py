@@ -46,7 +46,7 @@ def learnable_images(n, size, rng, num_classes=10):
     cell = size // 4
     for i, y in enumerate(labels):
         r, c = divmod(int(y) % 16, 4)
-        images[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 220
+        images[i, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = 220
     return images, labels.astype(np.uint8)
 
 
@@ -70,6 +70,7 @@ def init(model, seed, *args, **kwargs):
     """``model.init`` compiled as one program with an "rbg" key: much faster than running it op by
     op with threefry keys (each op then compiles separately)."""
     import jax
+
     return jax.jit(model.init)(jax.random.key(seed, impl="rbg"), *args, **kwargs)
 
 
@@ -77,6 +78,7 @@ def tiny_config(data_dir, method="student", **overrides):
     """A fast config: WRN-10-1 on the tiny IDX dataset."""
     from at_jax import recipes
     from configs import fashion_mnist
+
     config = fashion_mnist.get_config(method)
     config.model = "wrn-tiny"
     config.data.data_dir = str(data_dir)
@@ -94,6 +96,7 @@ def tiny_config(data_dir, method="student", **overrides):
 def write_image(path, size, rng, color=None, fmt=None):
     """A random RGB image (``size`` = (width, height)); a solid ``color`` if given."""
     from PIL import Image
+
     w, h = size
     if color is None:
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -115,11 +118,12 @@ def make_image_folder(root, classes=("cat", "dog", "emu"), n_train=8, n_val=4, s
                 color = [40, 40, 40]
                 color[c % 3] = 220
                 from PIL import Image
+
                 pixels = np.clip(rng.normal(0, 25, (size[1], size[0], 3)) + color, 0, 255)
                 ext = "png" if i == 0 else ("JPEG" if i % 2 else "jpg")
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}_{i}.{ext}",
-                                                               format="PNG" if ext == "png"
-                                                               else "JPEG")
+                Image.fromarray(pixels.astype(np.uint8)).save(
+                    folder / f"{name}_{i}.{ext}", format="PNG" if ext == "png" else "JPEG"
+                )
         (root / split / ".cache").mkdir(exist_ok=True)  # hidden folders are not classes
     return root
 
@@ -142,17 +146,22 @@ def make_cub(root, n_classes=3, per_class=4, seed=0):
             bw, bh = int(rng.integers(w // 3, w - x)), int(rng.integers(h // 3, h - y))
             pixels = np.zeros((h, w, 3), np.uint8)
             pixels[..., 2] = 230
-            pixels[y:y + bh, x:x + bw] = (230, 0, 0)
+            pixels[y : y + bh, x : x + bw] = (230, 0, 0)
             from PIL import Image
+
             name = f"{cls}/Bird_{c}_{i}.jpg"
             Image.fromarray(pixels).save(base / "images" / name, quality=95)
             lines["images"].append(f"{image_id} {name}")
             lines["labels"].append(f"{image_id} {c}")
             lines["split"].append(f"{image_id} {int(i < per_class - 1)}")
             lines["boxes"].append(f"{image_id} {x}.0 {y}.0 {bw}.0 {bh}.0")
-    for key, fname in (("images", "images.txt"), ("labels", "image_class_labels.txt"),
-                       ("split", "train_test_split.txt"), ("boxes", "bounding_boxes.txt"),
-                       ("classes", "classes.txt")):
+    for key, fname in (
+        ("images", "images.txt"),
+        ("labels", "image_class_labels.txt"),
+        ("split", "train_test_split.txt"),
+        ("boxes", "bounding_boxes.txt"),
+        ("classes", "classes.txt"),
+    ):
         (base / fname).write_text("\n".join(lines[key]) + "\n")
     return base
 
@@ -187,6 +196,7 @@ def shrink(config, data_dir, name, model="resnet-tiny"):
 def streamed_config(data_dir, name="imagefolder", method="student", **overrides):
     """A fast streamed config: resnet-tiny on 32×32 crops of a generated image tree."""
     from at_jax import recipes
+
     config = recipes.base_config()
     recipes.apply_method(config, method, "")
     shrink(config, data_dir, name)

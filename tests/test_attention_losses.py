@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init
 
 from at_jax.attention import attention_map
 from at_jax.losses import at_loss, cross_entropy, factt_loss, kd_loss, pair_activations
 from at_jax.objective import FActTAdapters, StepOutputs, make_objective
-from conftest import init
 
 
 def np_attention(x_nchw, p, reduce, normalize):
@@ -17,7 +17,7 @@ def np_attention(x_nchw, p, reduce, normalize):
     m = {"sum": powered.sum(1), "mean": powered.mean(1), "max": powered.max(1)}[reduce]
     q = m.reshape(m.shape[0], -1)
     if normalize == "l2":
-        q = q / np.maximum(np.sqrt((q ** 2).sum(1, keepdims=True)), 1e-12)
+        q = q / np.maximum(np.sqrt((q**2).sum(1, keepdims=True)), 1e-12)
     elif normalize == "l1":
         q = q / np.maximum(np.abs(q).sum(1, keepdims=True), 1e-12)
     return q
@@ -30,8 +30,9 @@ def nhwc(x_nchw):
 @pytest.fixture
 def acts():
     rng = np.random.default_rng(0)
-    return rng.normal(size=(3, 5, 6, 6)).astype(np.float32), \
-        rng.normal(size=(3, 7, 6, 6)).astype(np.float32)
+    return rng.normal(size=(3, 5, 6, 6)).astype(np.float32), rng.normal(size=(3, 7, 6, 6)).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
@@ -58,7 +59,7 @@ def test_at_loss_pools_the_larger_map_and_is_zero_for_identical_maps():
     rng = np.random.default_rng(1)
     t = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
     s = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
-    mt = (t ** 2).mean(1).reshape(2, 4, 2, 4, 2).mean((2, 4)).reshape(2, -1)
+    mt = (t**2).mean(1).reshape(2, 4, 2, 4, 2).mean((2, 4)).reshape(2, -1)
     mt /= np.linalg.norm(mt, axis=1, keepdims=True)
     expected = ((np_attention(s, 2, "mean", "l2") - mt) ** 2).mean()
     np.testing.assert_allclose(at_loss(nhwc(s), nhwc(t)), expected, rtol=1e-5)
@@ -88,14 +89,20 @@ def test_kd_loss_matches_reference_formula(temperature, alpha):
     s, t = rng.normal(size=(2, 6, 10)) * 3
     labels = rng.integers(0, 10, size=6)
     log_p, log_q = np_log_softmax(s / temperature), np_log_softmax(t / temperature)
-    kl = (np.exp(log_q) * (log_q - log_p)).sum() * temperature ** 2 / 6
+    kl = (np.exp(log_q) * (log_q - log_p)).sum() * temperature**2 / 6
     ce = -np_log_softmax(s)[np.arange(6), labels].mean()
     expected = alpha * kl + (1 - alpha) * ce
-    got = kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(labels),
-                  temperature, alpha)
+    got = kd_loss(
+        jnp.asarray(s, jnp.float32),
+        jnp.asarray(t, jnp.float32),
+        jnp.asarray(labels),
+        temperature,
+        alpha,
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    np.testing.assert_allclose(cross_entropy(jnp.asarray(s, jnp.float32), jnp.asarray(labels)), ce,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        cross_entropy(jnp.asarray(s, jnp.float32), jnp.asarray(labels)), ce, rtol=1e-5
+    )
 
 
 def test_factt_loss_matches_numpy_and_requires_equal_channels():
@@ -104,19 +111,25 @@ def test_factt_loss_matches_numpy_and_requires_equal_channels():
     fs, ft = s.reshape(3, -1), t.reshape(3, -1)
     fs /= np.linalg.norm(fs, axis=1, keepdims=True)
     ft /= np.linalg.norm(ft, axis=1, keepdims=True)
-    np.testing.assert_allclose(factt_loss(jnp.asarray(s), jnp.asarray(t)),
-                               ((fs - ft) ** 2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        factt_loss(jnp.asarray(s), jnp.asarray(t)), ((fs - ft) ** 2).mean(), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="1x1 conv"):
         factt_loss(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 5)))
 
 
 def test_pair_activations():
-    wrn16 = {f"group{g}": 0 for g in range(3)} | {f"group{g}.block{i}": 0
-                                                   for g in range(3) for i in range(2)}
-    wrn40 = {f"group{g}": 0 for g in range(3)} | {f"group{g}.block{i}": 0
-                                                   for g in range(3) for i in range(6)}
-    assert pair_activations(wrn16, wrn40) == [("group0", "group0"), ("group1", "group1"),
-                                              ("group2", "group2")]
+    wrn16 = {f"group{g}": 0 for g in range(3)} | {
+        f"group{g}.block{i}": 0 for g in range(3) for i in range(2)
+    }
+    wrn40 = {f"group{g}": 0 for g in range(3)} | {
+        f"group{g}.block{i}": 0 for g in range(3) for i in range(6)
+    }
+    assert pair_activations(wrn16, wrn40) == [
+        ("group0", "group0"),
+        ("group1", "group1"),
+        ("group2", "group2"),
+    ]
     assert len(pair_activations(wrn16, wrn16, "blocks")) == 6
     with pytest.raises(ValueError, match="same depth"):
         pair_activations(wrn16, wrn40, "blocks")
@@ -129,26 +142,40 @@ def test_pair_activations():
 
 def make_outputs(rng, with_teacher=True):
     k = jax.random.split(rng, 6)
-    s_acts = {"group0": jax.random.normal(k[0], (4, 8, 8, 4)),
-              "group1": jax.random.normal(k[1], (4, 4, 4, 8))}
-    t_acts = {"group0": jax.random.normal(k[2], (4, 8, 8, 6)),
-              "group1": jax.random.normal(k[3], (4, 4, 4, 8))}
-    return StepOutputs(images=jnp.zeros((4, 8, 8, 1)), labels=jnp.array([0, 1, 2, 1]),
-                       student_logits=jax.random.normal(k[4], (4, 3)), student_acts=s_acts,
-                       teacher_logits=jax.random.normal(k[5], (4, 3)) if with_teacher else None,
-                       teacher_acts=t_acts if with_teacher else {})
+    s_acts = {
+        "group0": jax.random.normal(k[0], (4, 8, 8, 4)),
+        "group1": jax.random.normal(k[1], (4, 4, 4, 8)),
+    }
+    t_acts = {
+        "group0": jax.random.normal(k[2], (4, 8, 8, 6)),
+        "group1": jax.random.normal(k[3], (4, 4, 4, 8)),
+    }
+    return StepOutputs(
+        images=jnp.zeros((4, 8, 8, 1)),
+        labels=jnp.array([0, 1, 2, 1]),
+        student_logits=jax.random.normal(k[4], (4, 3)),
+        student_acts=s_acts,
+        teacher_logits=jax.random.normal(k[5], (4, 3)) if with_teacher else None,
+        teacher_acts=t_acts if with_teacher else {},
+    )
 
 
 def test_objective_is_the_weighted_sum_of_named_terms():
     out = make_outputs(jax.random.key(0))
-    objective = make_objective({"kd": {"weight": 1.0, "temperature": 4.0, "alpha": 0.9},
-                                "at": {"weight": 1000.0, "p": 2.0}, "ce": {"weight": 0.0}})
+    objective = make_objective(
+        {
+            "kd": {"weight": 1.0, "temperature": 4.0, "alpha": 0.9},
+            "at": {"weight": 1000.0, "p": 2.0},
+            "ce": {"weight": 0.0},
+        }
+    )
     loss, m = objective(out)
     assert set(m) == {"kd", "at", "loss"}
     at = sum(at_loss(out.student_acts[n], out.teacher_acts[n]) for n in ("group0", "group1"))
     np.testing.assert_allclose(m["at"], at, rtol=1e-6)
-    np.testing.assert_allclose(m["kd"], kd_loss(out.student_logits, out.teacher_logits,
-                                                out.labels), rtol=1e-6)
+    np.testing.assert_allclose(
+        m["kd"], kd_loss(out.student_logits, out.teacher_logits, out.labels), rtol=1e-6
+    )
     np.testing.assert_allclose(loss, m["kd"] + 1000.0 * at, rtol=1e-6)
 
 
@@ -173,9 +200,13 @@ def test_objective_spec_errors_are_explained():
 
 def test_factt_adapters_are_trainable_and_map_channels():
     from at_jax.objective import term_modules
+
     out = make_outputs(jax.random.key(2))
-    modules = term_modules({"factt": {"weight": 1.0, "pairs": [("group0", "group0")]}},
-                           out.student_acts, {"group0": jnp.zeros((2, 4, 4, 6))})
+    modules = term_modules(
+        {"factt": {"weight": 1.0, "pairs": [("group0", "group0")]}},
+        out.student_acts,
+        {"group0": jnp.zeros((2, 4, 4, 6))},
+    )
     adapters = modules["factt"]
     assert isinstance(adapters, FActTAdapters) and dict(adapters.channels) == {"group0": 6}
     params = adapters.init(jax.random.key(0), out.student_acts)
@@ -191,6 +222,7 @@ def test_factt_adapters_are_trainable_and_map_channels():
 
 def test_at_gradient_reaches_the_student_transfer_path_only():
     from at_jax.models import forward, get_model
+
     student, teacher = get_model("wrn-tiny"), get_model("wrn-16-1")
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     sv = init(student, 1, x)
@@ -213,6 +245,7 @@ def test_at_gradient_reaches_the_student_transfer_path_only():
 def test_attention_distance_is_zero_for_the_teacher_itself_and_grows_with_difference():
     from at_jax.analysis import attention_distance
     from at_jax.models import get_model
+
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
     model = get_model("wrn-tiny", num_classes=10)
@@ -226,6 +259,7 @@ def test_attention_distance_is_zero_for_the_teacher_itself_and_grows_with_differ
     # the per-image mean equals the distance computed directly on all images at once
     from at_jax.data.augment import normalize
     from at_jax.models import forward
+
     x = normalize(images, 0.5, 0.25)
     a1, a2 = forward(model, v1, x)[1], forward(model, v2, x)[1]
     direct = np.linalg.norm(attention_map(a2["group1"]) - attention_map(a1["group1"]), axis=-1)
@@ -245,15 +279,20 @@ def test_legacy_kd_is_two_over_c_times_the_kl_term_plus_the_ce_term(num_classes)
     elementwise_mean = (np.exp(log_q) * (log_q - log_p)).mean()
     ce = -np_log_softmax(s)[np.arange(8), labels].mean()
     expected = elementwise_mean * (T * T * 2 * alpha) + ce * (1 - alpha)
-    args = (jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(labels), T,
-            alpha)
+    args = (jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(labels), T, alpha)
     np.testing.assert_allclose(kd_loss(*args, legacy=True), expected, rtol=1e-5)
     kl_term = kd_loss(*args) - (1 - alpha) * ce
-    np.testing.assert_allclose(kd_loss(*args, legacy=True) - (1 - alpha) * ce,
-                               2 / num_classes * kl_term, rtol=1e-4)
+    np.testing.assert_allclose(
+        kd_loss(*args, legacy=True) - (1 - alpha) * ce, 2 / num_classes * kl_term, rtol=1e-4
+    )
     spec = {"kd": {"weight": 1.0, "legacy": True}, "ce": {"weight": 0.0}}
-    out = StepOutputs(images=jnp.zeros((8, 2, 2, 1)), labels=jnp.asarray(labels),
-                      student_logits=args[0], student_acts={}, teacher_logits=args[1])
+    out = StepOutputs(
+        images=jnp.zeros((8, 2, 2, 1)),
+        labels=jnp.asarray(labels),
+        student_logits=args[0],
+        student_acts={},
+        teacher_logits=args[1],
+    )
     np.testing.assert_allclose(make_objective(spec)(out)[0], expected, rtol=1e-5)
 
 
@@ -269,7 +308,8 @@ def test_a_term_with_start_epoch_counts_from_that_epoch_on():
         np.testing.assert_allclose(values[epoch][0], values[epoch][1]["ce"], rtol=1e-6)
         assert float(values[epoch][1]["at"]) > 0  # still measured
     for epoch in (3, 7):
-        np.testing.assert_allclose(values[epoch][0], values[epoch][1]["ce"] +
-                                   100.0 * values[epoch][1]["at"], rtol=1e-6)
+        np.testing.assert_allclose(
+            values[epoch][0], values[epoch][1]["ce"] + 100.0 * values[epoch][1]["at"], rtol=1e-6
+        )
     with pytest.raises(ValueError, match="start_epoch must be an integer"):
         make_objective({"ce": {"weight": 1.0, "start_epoch": -1}})

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_idx_dataset, write_idx
 
 from at_jax.data import CIFAR_MEAN, CIFAR_STD, load_dataset
 from at_jax.data.augment import augment, normalize, random_crop
 from at_jax.data.local import read_idx
-from conftest import make_idx_dataset, write_idx
 
 
 def cifar_batches(rng, n, label_key):
@@ -22,8 +22,11 @@ def cifar_batches(rng, n, label_key):
 def write_cifar(root, name, archive):
     rng = np.random.default_rng(0)
     if name == "cifar10":
-        folder, files, key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + \
-            ["test_batch"], "labels"
+        folder, files, key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            "labels",
+        )
     else:
         folder, files, key = "cifar-100-python", ["train", "test"], "fine_labels"
     (root / folder).mkdir(parents=True)
@@ -70,6 +73,7 @@ def test_corrupt_idx_file_is_explained(tmp_path):
     write_idx(tmp_path / "x.gz", np.zeros((2, 3, 3), np.uint8))
     data = open(tmp_path / "x.gz", "rb").read()
     import gzip
+
     raw = gzip.decompress(data)[:-4]
     with gzip.open(tmp_path / "y.gz", "wb") as f:
         f.write(raw)
@@ -79,6 +83,7 @@ def test_corrupt_idx_file_is_explained(tmp_path):
 
 def test_tfds_source_with_mock_data():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=6):
         ds = load_dataset("cifar10", source="tfds")
     assert ds.train_images.shape == (6, 32, 32, 3) and ds.train_images.dtype == np.uint8
@@ -96,7 +101,12 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
 
 def test_real_fashion_mnist_from_debian_package():
     ds = load_dataset("fashion_mnist", source="local")
-    assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
+    assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (
+        10000,
+        28,
+        28,
+        1,
+    )
     assert np.bincount(ds.train_labels).tolist() == [6000] * 10
     assert abs(ds.train_images.mean() / 255 - ds.mean[0]) < 1e-3
 
@@ -112,7 +122,7 @@ def test_augmentation_crop_flip_and_normalisation():
     np.testing.assert_array_equal(out, augment(x, key, mean, std, crop_pad=2, flip=True))
     assert out.shape == x.shape
     padded = np.pad(np.asarray(norm), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
-    windows = [padded[:, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+    windows = [padded[:, i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
     for b in range(8):  # every output is a window of the reflect-padded image, maybe flipped
         o = np.asarray(out[b])
         assert any(np.allclose(o, w[b]) or np.allclose(o, w[b][:, ::-1]) for w in windows)

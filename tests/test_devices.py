@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_cpu_device_count_divides_the_batch():
     assert devices.cpu_device_count(2, 128) == 2
     assert devices.cpu_device_count(16, 128) == 16
-    assert devices.cpu_device_count(6, 128) == 4   # 6 and 5 do not divide 128
+    assert devices.cpu_device_count(6, 128) == 4  # 6 and 5 do not divide 128
     assert devices.cpu_device_count(4, 6) == 3
     assert devices.cpu_device_count(3, None) == 3
     assert devices.cpu_device_count(0, 7) == 1
@@ -28,19 +28,24 @@ def test_a_device_count_chosen_by_the_user_is_kept():
 def _fresh_python(code):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
 
 def test_one_cpu_device_per_core_in_a_fresh_process():
-    code = ("from at_jax import devices; n = devices.use_cpu_cores(6, cores=4); import jax; "
-            "print(n, len(jax.devices()))")
+    code = (
+        "from at_jax import devices; n = devices.use_cpu_cores(6, cores=4); import jax; "
+        "print(n, len(jax.devices()))"
+    )
     assert _fresh_python(code)[-2:] == ["3", "3"]
 
 
 def test_too_late_to_change_the_device_count_is_a_no_op():
-    code = ("import jax; jax.numpy.ones(3).sum(); from at_jax import devices; "
-            "print(devices.use_cpu_cores(6, cores=4), len(jax.devices()))")
+    code = (
+        "import jax; jax.numpy.ones(3).sum(); from at_jax import devices; "
+        "print(devices.use_cpu_cores(6, cores=4), len(jax.devices()))"
+    )
     assert _fresh_python(code)[-2:] == ["None", "1"]

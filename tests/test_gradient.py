@@ -3,28 +3,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init, tiny_config
 
 from at_jax import gradient, objective
 from at_jax.models import NIN, forward
-from conftest import init, tiny_config
 
 
 def tiny_nin(**kw):
-    return NIN(widths=(3, 3, 2, 4, 4, 4, 4, 4), num_classes=3, batch_norm=False,
-               relu_before_pool=False, dropout_rate=0.0, dtype=jnp.float64, **kw)
+    return NIN(
+        widths=(3, 3, 2, 4, 4, 4, 4, 4),
+        num_classes=3,
+        batch_norm=False,
+        relu_before_pool=False,
+        dropout_rate=0.0,
+        dtype=jnp.float64,
+        **kw,
+    )
 
 
 def outputs_for(student, params, teacher, t_vars, x, y):
     """What the step hands the terms, for models without batch norm."""
+
     def student_fn(z):
         return forward(student, {"params": params["student"]}, z, train=True)[0]
 
     def teacher_fn(z):
         return forward(teacher, t_vars, z)[0]
+
     logits, acts, _ = forward(student, {"params": params["student"]}, x, train=True)
     t_logits, t_acts, _ = forward(teacher, t_vars, x)
-    return objective.StepOutputs(x, y, logits, acts, t_logits, t_acts, student_fn=student_fn,
-                                 teacher_fn=teacher_fn)
+    return objective.StepOutputs(
+        x, y, logits, acts, t_logits, t_acts, student_fn=student_fn, teacher_fn=teacher_fn
+    )
 
 
 def test_input_gradient_and_second_order_gradient_match_finite_differences():
@@ -32,44 +42,68 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
         student, teacher = tiny_nin(), tiny_nin()
         x = jax.random.normal(jax.random.key(0), (3, 8, 8, 2), jnp.float64)
         y = jnp.array([0, 2, 1])
+
         def f64(tree):
             # float64, and jittered so that no ReLU input sits exactly on its kink (zero biases
             # after an all-zero ReLU output would), where finite differences and autodiff differ
             leaves, treedef = jax.tree.flatten(tree)
             keys = jax.random.split(jax.random.key(9), len(leaves))
-            return jax.tree.unflatten(treedef, [
-                a.astype(jnp.float64) + 0.05 * jax.random.normal(k, a.shape, jnp.float64)
-                for a, k in zip(leaves, keys)])
+            return jax.tree.unflatten(
+                treedef,
+                [
+                    a.astype(jnp.float64) + 0.05 * jax.random.normal(k, a.shape, jnp.float64)
+                    for a, k in zip(leaves, keys, strict=True)
+                ],
+            )
 
         params = {"student": f64(init(student, 1, x)["params"])}
         t_vars = f64(init(teacher, 2, x))
-        loss_of = objective.make_objective({"ce": {"weight": 1.0}, "grad_at": {"weight": 3.0},
-                                           "min_l2": {"weight": 2.0}, "symmetry": {"weight": 1.5},
-                                           "at": {"weight": 10.0}, "kd": {"weight": 0.5}})
+        loss_of = objective.make_objective(
+            {
+                "ce": {"weight": 1.0},
+                "grad_at": {"weight": 3.0},
+                "min_l2": {"weight": 2.0},
+                "symmetry": {"weight": 1.5},
+                "at": {"weight": 10.0},
+                "kd": {"weight": 0.5},
+            }
+        )
 
         # J equals a direct jax.grad of the summed CE w.r.t. the input
         out = outputs_for(student, params, teacher, t_vars, x, y)
-        direct = jax.grad(lambda z: -jnp.sum(jax.nn.log_softmax(
-            student.apply({"params": params["student"]}, z))[jnp.arange(3), y]))(x)
-        np.testing.assert_allclose(gradient.input_gradient(out.student_fn, x, y), direct,
-                                   rtol=1e-10)
+        direct = jax.grad(
+            lambda z: (
+                -jnp.sum(
+                    jax.nn.log_softmax(student.apply({"params": params["student"]}, z))[
+                        jnp.arange(3), y
+                    ]
+                )
+            )
+        )(x)
+        np.testing.assert_allclose(
+            gradient.input_gradient(out.student_fn, x, y), direct, rtol=1e-10
+        )
 
         def loss(p):
             return loss_of(outputs_for(student, p, teacher, t_vars, x, y))[0]
 
         grads = jax.grad(loss)(params)
-        direction = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype),
-                                 params)
+        direction = jax.tree.map(
+            lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype), params
+        )
         eps = 1e-6
         shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)  # noqa: E731
         numeric = (loss(shift(eps)) - loss(shift(-eps))) / (2 * eps)
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
-                                                        jax.tree.leaves(direction)))
+        analytic = sum(
+            jnp.vdot(g, d)
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
         assert analytic.dtype == jnp.float64
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
         # the second-order part is real: without differentiating through J the gradient differs
-        detached = jax.grad(lambda p: loss_of(outputs_for(student, p, teacher, t_vars, x, y)
-                                              )[1]["ce"])(params)
+        detached = jax.grad(
+            lambda p: loss_of(outputs_for(student, p, teacher, t_vars, x, y))[1]["ce"]
+        )(params)
         assert not np.allclose(jax.tree.leaves(detached)[0], jax.tree.leaves(grads)[0])
 
 
@@ -80,6 +114,7 @@ def kaiming_scaled(params):
     """NIN's N(0, 0.05²) init suits its 192-wide layers; at width 4 the signal vanishes. Rescale
     each kernel to kaiming's std so that these tiny test networks have non-trivial gradients."""
     from flax import traverse_util
+
     flat = traverse_util.flatten_dict(params)
     for path, value in flat.items():
         if path[-1] == "kernel":
@@ -100,30 +135,39 @@ def test_symmetry_penalty_is_zero_exactly_for_a_flip_invariant_model():
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     y = jnp.array([0, 1, 2, 0])
     values = {}
-    for model, invariant in ((FlipInvariant(), True), (NIN(widths=SMALL, num_classes=3,
-                                                           batch_norm=False, dropout_rate=0.0),
-                                                       False)):
+    for model, invariant in (
+        (FlipInvariant(), True),
+        (NIN(widths=SMALL, num_classes=3, batch_norm=False, dropout_rate=0.0), False),
+    ):
         params = {"student": kaiming_scaled(init(model, 1, x)["params"])}
         out = outputs_for(model, params, model, {"params": params["student"]}, x, y)
         values[invariant] = float(objective.symmetry_term(out))
         # grad_at against itself is zero, min_l2 (½ mean ||J||², by default) is not
         assert float(objective.grad_at_term(out)) == 0.0
         j = np.asarray(gradient.input_gradient(out.student_fn, x, y)).reshape(4, -1)
-        np.testing.assert_allclose(objective.min_l2_term(out), 0.5 * np.mean(np.sum(j * j, -1)),
-                                   rtol=1e-5)
-        np.testing.assert_allclose(objective.min_l2_term(out, squared=False),
-                                   0.5 * np.mean(np.linalg.norm(j, axis=-1)), rtol=1e-5)
+        np.testing.assert_allclose(
+            objective.min_l2_term(out), 0.5 * np.mean(np.sum(j * j, -1)), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            objective.min_l2_term(out, squared=False),
+            0.5 * np.mean(np.linalg.norm(j, axis=-1)),
+            rtol=1e-5,
+        )
     assert values[False] > 1e-6 and values[True] < 1e-6 * values[False]
 
 
 def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
     from at_jax import step as step_lib
+
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1)) * 3 + 1
     y = jnp.array([0, 1, 2, 0])
     grads = {}
     for mode in step_lib.BN_MODES:
-        config = tiny_config(idx_dir, model="nin-tiny", **{"gradient.bn_mode": mode,
-                                                          "model_overrides.dropout_rate": 0.0})
+        config = tiny_config(
+            idx_dir,
+            model="nin-tiny",
+            **{"gradient.bn_mode": mode, "model_overrides.dropout_rate": 0.0},
+        )
         st = step_lib.Step(config, 10, (16, 16, 1), (0.5,), (0.25,), 8)
         state = st.init_single(st.seed_keys()[0])
         state = state.replace(batch_stats=jax.tree.map(lambda a: a + 0.5, state.batch_stats))
@@ -131,14 +175,21 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
         grads[mode] = gradient.input_gradient(out.student_fn, x, y)
     assert not np.allclose(grads["batch_stats"], grads["frozen"])
     with pytest.raises(ValueError, match="bn_mode must be one of"):
-        step_lib.Step(tiny_config(idx_dir, **{"gradient.bn_mode": "both"}), 10, (16, 16, 1),
-                      (0.5,), (0.25,), 8)
+        step_lib.Step(
+            tiny_config(idx_dir, **{"gradient.bn_mode": "both"}),
+            10,
+            (16, 16, 1),
+            (0.5,),
+            (0.25,),
+            8,
+        )
 
 
 def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, tmp_path):
     from at_jax import train
-    from configs import table3
     from at_jax.metrics import read_jsonl
+    from configs import table3
+
     teacher = table3.get_config("teacher,fashion_mnist")
     student = table3.get_config("grad_at,fashion_mnist")
     student.loss.at.weight = 10.0  # β=1e3 diverges on this 16×16 toy without BN
@@ -163,6 +214,7 @@ def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, tmp_path):
 
 def test_table3_configs():
     from configs import table3
+
     for method in table3.METHODS:
         for ds in table3.DATASETS:
             config = table3.get_config(f"{method},{ds}")
@@ -176,8 +228,12 @@ def test_table3_configs():
     assert table3.get_config("teacher_at").model_overrides.relu_before_pool is False
     assert table3.get_config("teacher_at").model_overrides.batch_norm is True
     for method, teacher in (("grad_at", "teacher"), ("kd", "teacher"), ("at", "teacher_at")):
-        assert table3.get_config(f"{method},fashion_mnist").teacher.workdir == \
-            f"runs/table3/fashion_mnist/{teacher}"
-    assert table3.get_config("kd").loss.kd.legacy and table3.get_config("grad_at").loss.grad_at.squared
+        assert (
+            table3.get_config(f"{method},fashion_mnist").teacher.workdir
+            == f"runs/table3/fashion_mnist/{teacher}"
+        )
+    assert (
+        table3.get_config("kd").loss.kd.legacy and table3.get_config("grad_at").loss.grad_at.squared
+    )
     with pytest.raises(ValueError, match="unknown Table 3 method"):
         table3.get_config("jacobian")

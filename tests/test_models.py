@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init
 
 from at_jax.models import forward, from_torchvision, get_model
-from conftest import init
 
 
 def n_params(tree):
@@ -13,11 +13,15 @@ def n_params(tree):
 
 def init_shapes(name, num_classes=10, size=32, channels=3, **kw):
     model = get_model(name, num_classes=num_classes, **kw)
-    return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, size, size, channels)))
+    return model, jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((2, size, size, channels))
+    )
 
 
-@pytest.mark.parametrize("name,count", [("wrn-16-1", 175_066), ("wrn-16-2", 691_674),
-                                        ("wrn-40-1", 563_930), ("wrn-40-2", 2_243_546)])
+@pytest.mark.parametrize(
+    "name,count",
+    [("wrn-16-1", 175_066), ("wrn-16-2", 691_674), ("wrn-40-1", 563_930), ("wrn-40-2", 2_243_546)],
+)
 def test_wrn_parameter_counts_equal_reference(name, count):
     _, variables = init_shapes(name)
     assert n_params(variables["params"]) == count
@@ -29,14 +33,23 @@ def test_resnet_parameter_counts_equal_torchvision(name, count):
     assert n_params(variables["params"]) == count
 
 
-@pytest.mark.parametrize("name,bn,count", [("nin-wide", False, 966_986), ("nin-wide", True, 969_822),
-                                           ("nin-thin", False, 246_186), ("nin-thin", True, 247_614)])
+@pytest.mark.parametrize(
+    "name,bn,count",
+    [
+        ("nin-wide", False, 966_986),
+        ("nin-wide", True, 969_822),
+        ("nin-thin", False, 246_186),
+        ("nin-thin", True, 247_614),
+    ],
+)
 def test_nin_parameter_counts_equal_the_authors_network(name, bn, count):
     _, variables = init_shapes(name, batch_norm=bn)
     trainable = variables["params"]
     assert n_params(trainable) == count
     assert ("batch_stats" in variables) == bn
-    assert "bias" in trainable["block0_conv0"] and trainable["block0_conv0"]["kernel"].shape[:2] == (5, 5)
+    assert "bias" in trainable["block0_conv0"] and trainable["block0_conv0"]["kernel"].shape[
+        :2
+    ] == (5, 5)
 
 
 @pytest.mark.parametrize("size,channels,maps", [(32, 3, (32, 16, 8)), (28, 1, (28, 14, 7))])
@@ -47,8 +60,10 @@ def test_nin_output_and_transfer_point_shapes(size, channels, maps):
     logits, acts, _ = forward(model, variables, x)
     assert logits.shape == (2, 10)
     assert {k: v.shape for k, v in acts.items()} == {
-        "block0": (2, maps[0], maps[0], 48), "block1": (2, maps[1], maps[1], 96),
-        "block2": (2, maps[2], maps[2], 10)}
+        "block0": (2, maps[0], maps[0], 48),
+        "block1": (2, maps[1], maps[1], 96),
+        "block2": (2, maps[2], maps[2], 10),
+    }
     # without ReLU before pooling the blocks' outputs keep their negative values
     assert float(acts["block0"].min()) < 0 and float(acts["block2"].min()) < 0
     relu = get_model("nin-thin", batch_norm=False)
@@ -59,20 +74,28 @@ def test_nin_output_and_transfer_point_shapes(size, channels, maps):
     b = forward(model, variables, x, train=True, rngs={"dropout": jax.random.key(2)})[0]
     assert not np.allclose(a, b)
     no_dropout = get_model("nin-thin", batch_norm=False, relu_before_pool=False, dropout_rate=0.0)
-    np.testing.assert_allclose(forward(no_dropout, variables, x, train=True)[0], logits,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        forward(no_dropout, variables, x, train=True)[0], logits, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bn_scale_init_uniform_as_the_reference_cifar_code():
     model = get_model("wrn-16-1", bn_scale_init="uniform")
-    scales = np.concatenate([np.ravel(v) for k, v in _flat(init(model, 0, jnp.ones((1, 32, 32, 3)))
-                                                          ["params"]).items()
-                             if k.endswith("scale")])
+    scales = np.concatenate(
+        [
+            np.ravel(v)
+            for k, v in _flat(init(model, 0, jnp.ones((1, 32, 32, 3)))["params"]).items()
+            if k.endswith("scale")
+        ]
+    )
     assert scales.min() >= 0 and scales.max() < 1 and 0.4 < scales.mean() < 0.6
     assert len(np.unique(scales)) > 100
     default = get_model("wrn-16-1")
-    ones = [v for k, v in _flat(init(default, 0, jnp.ones((1, 32, 32, 3)))["params"]).items()
-            if k.endswith("scale")]
+    ones = [
+        v
+        for k, v in _flat(init(default, 0, jnp.ones((1, 32, 32, 3)))["params"]).items()
+        if k.endswith("scale")
+    ]
     assert all(np.all(np.asarray(v) == 1) for v in ones)
     with pytest.raises(ValueError, match="bn_scale_init must be one of"):
         init(get_model("wrn-tiny", bn_scale_init="zeros"), 0, jnp.ones((1, 8, 8, 3)))
@@ -80,6 +103,7 @@ def test_bn_scale_init_uniform_as_the_reference_cifar_code():
 
 def _flat(tree):
     from flax import traverse_util
+
     return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -91,7 +115,7 @@ def test_wrn_sows_groups_and_blocks(size, channels):
     logits, acts, _ = forward(model, variables, x)
     assert logits.shape == (2, 10)
     s = [size, (size + 1) // 2, (size + 3) // 4]
-    for g, (hw, c) in enumerate(zip(s, (16, 32, 64))):
+    for g, (hw, c) in enumerate(zip(s, (16, 32, 64), strict=True)):
         assert acts[f"group{g}"].shape == (2, hw, hw, c)
         for i in range(2):
             assert acts[f"group{g}.block{i}"].shape == (2, hw, hw, c)
@@ -103,14 +127,20 @@ def test_nin_and_resnet_sow_their_transfer_points():
     x = jnp.ones((2, 32, 32, 3))
     _, acts, _ = forward(nin, init(nin, 0, x), x)
     assert {k: v.shape for k, v in acts.items()} == {
-        "block0": (2, 32, 32, 4), "block1": (2, 16, 16, 8), "block2": (2, 8, 8, 10)}
+        "block0": (2, 32, 32, 4),
+        "block1": (2, 16, 16, 8),
+        "block2": (2, 8, 8, 10),
+    }
     res = get_model("resnet-18", num_classes=5)
     x = jnp.ones((1, 64, 64, 3))
     logits, acts, _ = forward(res, init(res, 0, x), x)
     assert logits.shape == (1, 5)
     assert {k: v.shape for k, v in acts.items()} == {
-        "layer1": (1, 16, 16, 64), "layer2": (1, 8, 8, 128), "layer3": (1, 4, 4, 256),
-        "layer4": (1, 2, 2, 512)}
+        "layer1": (1, 16, 16, 64),
+        "layer2": (1, 8, 8, 128),
+        "layer3": (1, 4, 4, 256),
+        "layer4": (1, 2, 2, 512),
+    }
 
 
 def test_apply_without_mutable_returns_logits_and_train_updates_batch_stats():
@@ -134,9 +164,14 @@ def test_kaiming_init_scale():
     assert float(jnp.max(jnp.abs(kernel))) > 2.5 * std  # untruncated normal
 
 
-@pytest.mark.parametrize("name,message", [
-    ("wrn-15-1", "6n\\+4"), ("wrn-16-0", "width"), ("vgg-16", "known models: wrn-D-K"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("wrn-15-1", "6n\\+4"),
+        ("wrn-16-0", "width"),
+        ("vgg-16", "known models: wrn-D-K"),
+    ],
+)
 def test_bad_model_names_are_explained(name, message):
     with pytest.raises(ValueError, match=message):
         get_model(name)
@@ -156,24 +191,31 @@ def test_from_torchvision_maps_every_parameter():
     flat = jax.tree_util.tree_flatten_with_path(variables)[0]
     for path, leaf in flat:
         keys = [p.key for p in path]
-        collection, *modules, field = keys
+        _collection, *modules, field = keys
         tv_modules = []
         for m in modules:
             tv_modules += m.rsplit("_", 1) if m[-1].isdigit() and "_" in m else [m]
-        tv_field = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
-                    "var": "running_var"}[field]
+        tv_field = {
+            "kernel": "weight",
+            "bias": "bias",
+            "scale": "weight",
+            "mean": "running_mean",
+            "var": "running_var",
+        }[field]
         shape = leaf.shape
         if field == "kernel":
             shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        state[".".join(tv_modules + [tv_field])] = rng.normal(size=shape).astype(np.float32)
+        state[".".join([*tv_modules, tv_field])] = rng.normal(size=shape).astype(np.float32)
     state["bn1.num_batches_tracked"] = np.array(3)
     converted = from_torchvision(state)
     assert jax.tree.structure(converted) == jax.tree.structure(variables)
     w = state["layer2.0.downsample.0.weight"]
-    np.testing.assert_array_equal(converted["params"]["layer2_0"]["downsample_0"]["kernel"],
-                                  w.transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(converted["batch_stats"]["layer3_1"]["bn2"]["var"],
-                                  state["layer3.1.bn2.running_var"])
+    np.testing.assert_array_equal(
+        converted["params"]["layer2_0"]["downsample_0"]["kernel"], w.transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        converted["batch_stats"]["layer3_1"]["bn2"]["var"], state["layer3.1.bn2.running_var"]
+    )
     np.testing.assert_array_equal(converted["params"]["fc"]["kernel"], state["fc.weight"].T)
     logits = model.apply(converted, jnp.ones((1, 64, 64, 3)))
     assert logits.shape == (1, 7)

@@ -11,14 +11,20 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 
 from at_jax import runs
 from at_jax.metrics import read_jsonl
-from conftest import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.model=resnet-tiny", "--config.data.image_size=32", "--config.batch_size=8",
-         "--config.eval_batch_size=8", "--config.optimizer.lr=0.05", "--config.log_every_steps=2"]
+SMALL = [
+    "--config.model=resnet-tiny",
+    "--config.data.image_size=32",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.optimizer.lr=0.05",
+    "--config.log_every_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +33,26 @@ def folder(tmp_path_factory):
 
 
 def cli(workdir, data_dir, *extra, devices=2, process=None):
-    cmd = [sys.executable, "-m", "at_jax.main", "--config", "configs/imagenet.py",
-           "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *SMALL, *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "at_jax.main",
+        "--config",
+        "configs/imagenet.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        *SMALL,
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def finish(proc, timeout=400):
@@ -43,8 +63,12 @@ def finish(proc, timeout=400):
 
 def test_sigkill_mid_epoch_then_the_same_command_ends_with_identical_metrics(folder, tmp_path):
     # 36 images / batch 8: 4 steps per epoch; checkpoints every 3 steps fall inside epochs
-    extra = ["--config.num_epochs=3", "--config.checkpoint_every_steps=3",
-             "--config.data.num_workers=2", "--config.optimizer.lr_decay_epochs=(2,)"]
+    extra = [
+        "--config.num_epochs=3",
+        "--config.checkpoint_every_steps=3",
+        "--config.data.num_workers=2",
+        "--config.optimizer.lr_decay_epochs=(2,)",
+    ]
     reference = cli(tmp_path / "ref", folder, *extra)
     killed = cli(tmp_path / "killed", folder, *extra)
     mid_epoch = tmp_path / "killed" / "checkpoints" / "6"
@@ -62,7 +86,7 @@ def test_sigkill_mid_epoch_then_the_same_command_ends_with_identical_metrics(fol
     ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
     res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
     assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, res_rows):
+    for a, b in zip(ref_rows, res_rows, strict=True):
         for key in a:
             if key.startswith(("train/", "test/")) or key == "lr":
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
@@ -73,7 +97,8 @@ def test_sigkill_mid_epoch_then_the_same_command_ends_with_identical_metrics(fol
     # the Grain iterator's position is in the same Orbax checkpoint as the train state
     last = max(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints"))
     assert "process_0-of-1.json" in os.listdir(
-        tmp_path / "killed" / "checkpoints" / str(last) / "data")
+        tmp_path / "killed" / "checkpoints" / str(last) / "data"
+    )
 
 
 def free_port() -> int:
@@ -83,12 +108,25 @@ def free_port() -> int:
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(folder, tmp_path):
-    extra = ["--config.num_epochs=1", "--config.log_every_steps=0",
-             "--config.data.train_size=24"]  # 3 steps
+    extra = [
+        "--config.num_epochs=1",
+        "--config.log_every_steps=0",
+        "--config.data.train_size=24",
+    ]  # 3 steps
     port = free_port()
-    procs = [cli(tmp_path / "two", folder, *extra, "--distributed",
-                 f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                 f"--process_id={i}", devices=1) for i in range(2)]
+    procs = [
+        cli(
+            tmp_path / "two",
+            folder,
+            *extra,
+            "--distributed",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            devices=1,
+        )
+        for i in range(2)
+    ]
     single = cli(tmp_path / "one", folder, *extra, devices=1)
     outs = [finish(p) for p in procs]
     assert "final test error" in outs[0] and "final test error" not in outs[1]
@@ -108,6 +146,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(folder, tmp_pat
 
 def _leaves(tree):
     import jax
+
     return jax.tree.leaves(tree)
 
 
@@ -115,8 +154,20 @@ def test_cli_errors_are_one_clear_line(folder, tmp_path):
     proc = cli(tmp_path, folder, "--config.data.imag_size=64")
     out = finish_fail(proc)
     assert "unknown config key 'data.imag_size'" in out and "Traceback" not in out
-    proc = subprocess.run([sys.executable, "-m", "at_jax.main", "--config", "configs/nope.py",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "at_jax.main",
+            "--config",
+            "configs/nope.py",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot load the config file" in proc.stderr and "configs/nope.py" in proc.stderr
     proc = cli(tmp_path / "x", tmp_path / "nowhere")

@@ -8,15 +8,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 from PIL import Image
 
 from at_jax import runs, step as step_lib, train
 from at_jax.data import open_data, sources
 from at_jax.data.pipeline import StreamedData
-from at_jax.data.transforms import (EvalTransform, TrainTransform, random_resized_crop_box)
+from at_jax.data.transforms import EvalTransform, TrainTransform, random_resized_crop_box
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh
-from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,10 @@ def test_image_folder_source_lists_classes_by_name_and_both_splits(folder):
     assert labels == sorted(labels) and set(labels) == {0, 1, 2}
     exts = {os.path.splitext(r["image"])[1] for r in train_src.records}
     assert exts == {".png", ".JPEG", ".jpg"}
-    assert all(os.path.basename(os.path.dirname(r["image"])) == classes[r["label"]]
-               for r in val_src.records)
+    assert all(
+        os.path.basename(os.path.dirname(r["image"])) == classes[r["label"]]
+        for r in val_src.records
+    )
 
 
 def test_cub_source_reads_split_labels_and_boxes(tmp_path):
@@ -43,8 +45,9 @@ def test_cub_source_reads_split_labels_and_boxes(tmp_path):
         assert len(train_src) == 9 and len(test_src) == 3
         assert classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
     first = train_src[0]
-    x, y, w, h = (float(v) for v in (base / "bounding_boxes.txt").read_text().split("\n")[0]
-                  .split()[1:])
+    x, y, w, h = (
+        float(v) for v in (base / "bounding_boxes.txt").read_text().split("\n")[0].split()[1:]
+    )
     assert first["bbox"] == (x, y, x + w, y + h) and first["label"] == 0
     # the box crop: train and eval views of a red bird on blue are red
     out = TrainTransform(32)(first, np.random.default_rng(0))
@@ -62,12 +65,15 @@ def test_scenes_source_uses_the_official_lists(tmp_path):
     assert [r["label"] for r in test_src.records] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name,setup,message", [
-    ("imagefolder", lambda p: None, "no 'train' folder"),
-    ("imagefolder", lambda p: (p / "train" / "a").mkdir(parents=True), "no images"),
-    ("cub", lambda p: None, "missing images.txt"),
-    ("scenes", lambda p: (p / "Images" / "a").mkdir(parents=True), "missing TrainImages.txt"),
-])
+@pytest.mark.parametrize(
+    "name,setup,message",
+    [
+        ("imagefolder", lambda p: None, "no 'train' folder"),
+        ("imagefolder", lambda p: (p / "train" / "a").mkdir(parents=True), "no images"),
+        ("cub", lambda p: None, "missing images.txt"),
+        ("scenes", lambda p: (p / "Images" / "a").mkdir(parents=True), "missing TrainImages.txt"),
+    ],
+)
 def test_missing_or_malformed_data_names_the_path_and_the_layout(tmp_path, name, setup, message):
     setup(tmp_path)
     with pytest.raises(sources.DataLayoutError) as e:
@@ -88,11 +94,11 @@ def test_random_resized_crop_box_stays_in_range():
     for _ in range(300):
         w, h = int(rng.integers(10, 400)), int(rng.integers(10, 400))
         x, y, cw, ch = random_resized_crop_box(w, h, rng)
-        assert 0 <= x and x + cw <= w and 0 <= y and y + ch <= h and cw > 0 and ch > 0
+        assert x >= 0 and x + cw <= w and y >= 0 and y + ch <= h and cw > 0 and ch > 0
     # a square image: area 8%-100% and aspect ratio 3/4-4/3 (up to rounding)
     for _ in range(300):
         x, y, cw, ch = random_resized_crop_box(300, 300, rng)
-        assert 0.08 * 0.97 <= cw * ch / 300 ** 2 <= 1.0 and 0.74 <= cw / ch <= 1.36
+        assert 0.08 * 0.97 <= cw * ch / 300**2 <= 1.0 and 0.74 <= cw / ch <= 1.36
     # an extreme panorama falls back to the central box with the ratio clamped
     assert random_resized_crop_box(1000, 10, np.random.default_rng(1)) == (493, 0, 13, 10)
 
@@ -140,15 +146,17 @@ def test_process_shards_are_disjoint_cover_the_epoch_and_form_the_same_global_ba
         key = lambda a: sorted(x.tobytes() for x in a)  # noqa: E731
         assert key(merged) == key(one[i]["image"])
     for epoch in range(2):
-        part = [np.concatenate([b["image"] for b in two[p][epoch * steps:(epoch + 1) * steps]])
-                for p in range(2)]
+        part = [
+            np.concatenate([b["image"] for b in two[p][epoch * steps : (epoch + 1) * steps]])
+            for p in range(2)
+        ]
         a, b = ({x.tobytes() for x in p} for p in part)
         assert not a & b and len(a) + len(b) == 24  # disjoint, every image once per epoch
     # a different permutation each epoch, reproducible from the seed
     labels = [b["label"].tolist() for b in one]
     assert labels[:steps] != labels[steps:]
     again = local_records(StreamedData(config, data_mesh()), 0, 1, 2 * steps)
-    assert all((x["image"] == y["image"]).all() for x, y in zip(one, again))
+    assert all((x["image"] == y["image"]).all() for x, y in zip(one, again, strict=True))
 
 
 def test_eval_batches_cover_the_test_set_once_with_padding_masked(folder):
@@ -174,14 +182,15 @@ def test_iterator_state_resumes_at_the_exact_next_batch(folder):
     resumed.set_state(state)
     got = [np.asarray(next(resumed)["image"]) for _ in range(3)]
     resumed.close()
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_tfds_imagenet_source_with_mock_data():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=4):
-        train_src, test_src, classes = sources.open_source("imagenet2012", "")
+        train_src, _test_src, classes = sources.open_source("imagenet2012", "")
         record = train_src[0]
     assert classes is None and len(train_src) == 4
     assert record["image"].ndim == 3 and record["image"].dtype == np.uint8
@@ -191,11 +200,22 @@ def test_tfds_imagenet_source_with_mock_data():
 
 def test_teacher_then_at_student_from_an_image_folder(folder, tmp_path):
     teacher = train.train_and_evaluate(
-        streamed_config(folder, "imagefolder", "teacher", model="resnet-tiny", num_epochs=3,
-                        log_every_steps=2, **{"optimizer.lr": 0.1}), str(tmp_path / "t"),
-        progress=False)
-    assert teacher["epochs"] == 3 and 0 <= teacher["final_test_top5_error"] <= \
-        teacher["final_test_error"] <= 100
+        streamed_config(
+            folder,
+            "imagefolder",
+            "teacher",
+            model="resnet-tiny",
+            num_epochs=3,
+            log_every_steps=2,
+            **{"optimizer.lr": 0.1},
+        ),
+        str(tmp_path / "t"),
+        progress=False,
+    )
+    assert (
+        teacher["epochs"] == 3
+        and 0 <= teacher["final_test_top5_error"] <= teacher["final_test_error"] <= 100
+    )
     rows = read_jsonl(str(tmp_path / "t" / "metrics.jsonl"))
     assert [r["step"] for r in rows if "epoch" not in r] == [2, 4, 6, 8]  # log_every_steps
     assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2, 3]
@@ -204,8 +224,9 @@ def test_teacher_then_at_student_from_an_image_folder(folder, tmp_path):
     config.teacher.workdir = str(tmp_path / "t")
     student = train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
     assert student["teacher_test_error"] == pytest.approx(teacher["final_test_error"], abs=1e-4)
-    assert student["teacher_test_top5_error"] == pytest.approx(teacher["final_test_top5_error"],
-                                                               abs=1e-4)
+    assert student["teacher_test_top5_error"] == pytest.approx(
+        teacher["final_test_top5_error"], abs=1e-4
+    )
     row = read_jsonl(str(tmp_path / "s" / "metrics.jsonl"))[-1]
     assert row["train/at"] > 0 and np.isfinite(row["test/top5_error"])
 
@@ -236,17 +257,28 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(folder, tmp_path):
 
 def test_a_term_that_owns_parameters_is_registered_like_any_other(folder, tmp_path):
     from at_jax import objective
+
     teacher_dir = tmp_path / "t"
-    train.train_and_evaluate(streamed_config(folder, num_epochs=1, model="resnet-tiny"),
-                             str(teacher_dir), progress=False)
+    train.train_and_evaluate(
+        streamed_config(folder, num_epochs=1, model="resnet-tiny"), str(teacher_dir), progress=False
+    )
     config = streamed_config(folder, "imagefolder", "factt", num_epochs=1)
     config.teacher.workdir = str(teacher_dir)
     config.model_overrides = {"widths": (4, 8, 16, 32)}  # half the teacher's channels
     data = open_data(config, data_mesh())
-    t_model, t_vars, _ = runs.load_run_variables(str(teacher_dir), data.num_classes,
-                                                 data.image_shape)
-    st = step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std,
-                       data.steps_per_epoch, t_model, t_vars)
+    t_model, t_vars, _ = runs.load_run_variables(
+        str(teacher_dir), data.num_classes, data.image_shape
+    )
+    st = step_lib.Step(
+        config,
+        data.num_classes,
+        data.image_shape,
+        data.mean,
+        data.std,
+        data.steps_per_epoch,
+        t_model,
+        t_vars,
+    )
     assert set(st.term_modules) == {"factt"}
     assert isinstance(st.term_modules["factt"], objective.FActTAdapters)
     state = st.init_state()
@@ -254,8 +286,11 @@ def test_a_term_that_owns_parameters_is_registered_like_any_other(folder, tmp_pa
     assert kernels["layer4"]["kernel"].shape == (1, 1, 1, 32, 64)  # (seeds, 1, 1, in, out)
     batch = next(iter(data.eval_batches()))
     before = jax.device_get(kernels)
-    state, metrics = st.train_step(state, {"image": batch["image"], "label": batch["label"]},
-                                   jax.device_put(t_vars, st.replicated))
+    state, metrics = st.train_step(
+        state,
+        {"image": batch["image"], "label": batch["label"]},
+        jax.device_put(t_vars, st.replicated),
+    )
     after = jax.device_get(state.params["terms"]["factt"])
     assert not np.allclose(before["layer4"]["kernel"], after["layer4"]["kernel"])
     assert np.isfinite(np.asarray(metrics["train/factt"])).all()
@@ -274,6 +309,7 @@ def test_run_directory_is_refused_for_another_dataset(folder, tmp_path):
 
 def test_tfds_caltech_birds_records_carry_their_box_in_pixels():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=3):
         train_src, _, _ = sources.open_source("caltech_birds2011", "")
         record = train_src[0]

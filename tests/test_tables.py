@@ -7,15 +7,23 @@ from experiments import paper_tables
 
 
 def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir, tmp_path):
-    options = {"seeds": 2, "teacher_epochs": 2, "student_epochs": 1, "train_size": 0,
-               "test_size": 64, "data_dir": str(idx_dir), "student_model": "wrn-tiny",
-               "teacher_model": "wrn-tiny"}
+    options = {
+        "seeds": 2,
+        "teacher_epochs": 2,
+        "student_epochs": 1,
+        "train_size": 0,
+        "test_size": 64,
+        "data_dir": str(idx_dir),
+        "student_model": "wrn-tiny",
+        "teacher_model": "wrn-tiny",
+    }
     runs = paper_tables.plan(1, "fashion_mnist", str(tmp_path), options, ["wrn-16-1,wrn-16-2"])
     assert [r["column"] for r in runs] == ["teacher", "student", "AT", "F-ActT", "KD", "AT+KD"]
     assert runs[4]["config"].teacher.workdir == runs[0]["workdir"]
     assert runs[5]["config"].loss.at.weight_schedule == "lr"  # AT+KD decays β
-    cells = paper_tables.make_table(1, "fashion_mnist", str(tmp_path), options,
-                                    ["wrn-16-1,wrn-16-2"], progress=False)
+    cells = paper_tables.make_table(
+        1, "fashion_mnist", str(tmp_path), options, ["wrn-16-1,wrn-16-2"], progress=False
+    )
     row = cells["wrn-16-1,wrn-16-2"]
     assert list(row) == ["teacher", "student", "AT", "F-ActT", "KD", "AT+KD"]
     for cell in row.values():
@@ -27,16 +35,28 @@ def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir
     for column in row:
         assert column in text
     # the paper's CIFAR-10 numbers are a labelled reference row, not brackets or dashes
-    assert "[–]" not in text and "| the paper, CIFAR-10 (reference) | 6.31 | 8.77 | 7.93 |" \
-        in text and "a reference from another dataset" in text
+    assert (
+        "[–]" not in text
+        and "| the paper, CIFAR-10 (reference) | 6.31 | 8.77 | 7.93 |" in text
+        and "a reference from another dataset" in text
+    )
     saved = json.loads((tmp_path / "table1_fashion_mnist.json").read_text())
     assert saved["cells"]["wrn-16-1,wrn-16-2"]["KD"]["seeds"] == row["KD"]["seeds"]
     png = (tmp_path / "table1_fashion_mnist_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     # the paper's numbers stand beside CIFAR-10 cells
-    cifar = paper_tables.summarise(1, "cifar10", [
-        {"row": "wrn-16-1,wrn-16-2", "column": "AT", "workdir": "x",
-         "results": {"final_test_error": 8.0, "epochs": 200}}])
+    cifar = paper_tables.summarise(
+        1,
+        "cifar10",
+        [
+            {
+                "row": "wrn-16-1,wrn-16-2",
+                "column": "AT",
+                "workdir": "x",
+                "results": {"final_test_error": 8.0, "epochs": 200},
+            }
+        ],
+    )
     assert cifar["wrn-16-1,wrn-16-2"]["AT"]["paper"] == 7.93
     assert "8.00 [7.93]" in paper_tables.markdown(1, "cifar10", cifar, "cmd")
 
@@ -44,12 +64,26 @@ def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir
 def test_table2_and_table3_plans():
     options = {"seeds": 1, "teacher_epochs": 0, "student_epochs": 0}
     t2 = paper_tables.plan(2, "cifar10", "R", options)
-    assert [r["column"] for r in t2] == ["teacher", "none", "F_sum", "F_sum^2", "F_sum^4",
-                                         "F_max^1"]
+    assert [r["column"] for r in t2] == [
+        "teacher",
+        "none",
+        "F_sum",
+        "F_sum^2",
+        "F_sum^4",
+        "F_max^1",
+    ]
     assert t2[2]["config"].loss.at.p == 1.0 and t2[2]["config"].loss.at.reduce == "sum"
     t3 = paper_tables.plan(3, "fashion_mnist", "R", options)
-    assert [r["column"] for r in t3] == ["teacher", "teacher_at", "baseline", "min-l2",
-                                         "grad-AT", "KD", "symmetry", "AT"]
+    assert [r["column"] for r in t3] == [
+        "teacher",
+        "teacher_at",
+        "baseline",
+        "min-l2",
+        "grad-AT",
+        "KD",
+        "symmetry",
+        "AT",
+    ]
     by_column = {r["column"]: r for r in t3}
     assert by_column["AT"]["config"].teacher.workdir == by_column["teacher_at"]["workdir"]
     assert by_column["grad-AT"]["config"].teacher.workdir == by_column["teacher"]["workdir"]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from jax.sharding import Mesh
 
 from at_jax import runs, step as step_lib, train
@@ -16,7 +17,6 @@ from at_jax.data import load_dataset
 from at_jax.data.batching import array_batches
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh, sharded
-from conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +25,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def teacher_dir(idx_dir, tmp_path_factory):
     """A tiny teacher trained for 5 epochs (shared by the student tests)."""
     workdir = tmp_path_factory.mktemp("teacher")
-    train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
-                             str(workdir), progress=False)
+    train.train_and_evaluate(
+        tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
+        str(workdir),
+        progress=False,
+    )
     return workdir
 
 
@@ -39,12 +42,20 @@ def test_teacher_then_at_kd_student_end_to_end(idx_dir, teacher_dir, tmp_path):
     config = tiny_config(idx_dir, "at_kd", num_epochs=1)
     config.teacher.workdir = str(teacher_dir)
     results = train.train_and_evaluate(config, str(tmp_path), progress=False)
-    assert results["teacher_test_error"] == pytest.approx(teacher_results["final_test_error"],
-                                                          abs=1e-4)
+    assert results["teacher_test_error"] == pytest.approx(
+        teacher_results["final_test_error"], abs=1e-4
+    )
     assert results["loss_terms"] == ["at", "kd"]
     row = read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
-    for key in ("train/at", "train/kd", "train/loss", "train/error", "test/error", "lr",
-                "images_per_s"):
+    for key in (
+        "train/at",
+        "train/kd",
+        "train/loss",
+        "train/error",
+        "test/error",
+        "lr",
+        "images_per_s",
+    ):
         assert np.isfinite(row[key]), key
     assert row["train/loss"] == pytest.approx(row["train/kd"] + 1e3 * row["train/at"], rel=1e-4)
     assert os.listdir(tmp_path / "tensorboard")
@@ -52,23 +63,28 @@ def test_teacher_then_at_kd_student_end_to_end(idx_dir, teacher_dir, tmp_path):
     # the attention distance to the teacher is measured at every evaluation, per group, and
     # equals the independent analysis of the saved student
     from at_jax.analysis import attention_distance
+
     data = load_dataset("fashion_mnist", "local", str(idx_dir))
     s_model, s_vars, _ = runs.load_run_variables(str(tmp_path), 10, data.image_shape)
     t_model, t_vars, _ = runs.load_run_variables(str(teacher_dir), 10, data.image_shape)
-    expected = attention_distance((s_model, s_vars), (t_model, t_vars), data.test_images,
-                                  data.mean, data.std)
+    expected = attention_distance(
+        (s_model, s_vars), (t_model, t_vars), data.test_images, data.mean, data.std
+    )
     final = results["final_attention_distance"]
     assert set(final) == {"group0<-group0", "group1<-group1", "group2<-group2", "mean"}
     for key, value in expected.items():
         assert final[key] == pytest.approx(value, rel=1e-4), key
     assert row["test/attention_distance"] == pytest.approx(expected["mean"], rel=1e-4)
-    assert row["test/attention/group1<-group1"] == pytest.approx(expected["group1<-group1"],
-                                                                 rel=1e-4)
+    assert row["test/attention/group1<-group1"] == pytest.approx(
+        expected["group1<-group1"], rel=1e-4
+    )
 
 
-def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(idx_dir, teacher_dir,
-                                                                        tmp_path):
+def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(
+    idx_dir, teacher_dir, tmp_path
+):
     import shutil
+
     workdir = tmp_path / "teacher"
     shutil.copytree(teacher_dir, workdir)
     saved = json.load(open(workdir / "results.json"))
@@ -81,35 +97,68 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(idx_dir,
     config.loss.kd.legacy = not config.loss.kd.legacy
     assert train.train_and_evaluate(config, str(workdir), progress=False) == saved
     with pytest.raises(ValueError, match=r"different config \(optimizer.lr: 0.05 -> 0.2\)"):
-        train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5,
-                                             **{"optimizer.lr": 0.2}), str(workdir),
-                                 progress=False)
-    with pytest.raises(ValueError, match=r"checkpoint at step 40 \(epoch 5\), beyond config.num_epochs=3"):
-        train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=3),
-                                 str(workdir), progress=False)
+        train.train_and_evaluate(
+            tiny_config(
+                idx_dir, "teacher", model="wrn-tiny", num_epochs=5, **{"optimizer.lr": 0.2}
+            ),
+            str(workdir),
+            progress=False,
+        )
+    with pytest.raises(
+        ValueError, match=r"checkpoint at step 40 \(epoch 5\), beyond config.num_epochs=3"
+    ):
+        train.train_and_evaluate(
+            tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=3),
+            str(workdir),
+            progress=False,
+        )
     assert json.load(open(workdir / "results.json")) == saved
     assert (workdir / "metrics.jsonl").read_text() == metrics
     # more epochs: the run resumes from its last checkpoint
-    longer = train.train_and_evaluate(tiny_config(idx_dir, "teacher", model="wrn-tiny",
-                                                  num_epochs=6), str(workdir), progress=False)
+    longer = train.train_and_evaluate(
+        tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=6),
+        str(workdir),
+        progress=False,
+    )
     assert longer["epochs"] == 6
     assert [r["epoch"] for r in read_jsonl(str(workdir / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
     assert longer["wall_time_s"] > saved["wall_time_s"] * 0.5
 
 
 def run_cli(workdir, *extra, data_dir):
-    cmd = [sys.executable, "-m", "at_jax.main", "--config", "configs/fashion_mnist.py:student",
-           "--workdir", str(workdir), "--config.model=wrn-tiny", "--config.data.source=local",
-           f"--config.data.data_dir={data_dir}", "--config.batch_size=32",
-           "--config.eval_batch_size=64", "--config.optimizer.lr=0.05",
-           "--config.data.augment.crop_pad=1", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "XLA_FLAGS": ""})
+    cmd = [
+        sys.executable,
+        "-m",
+        "at_jax.main",
+        "--config",
+        "configs/fashion_mnist.py:student",
+        "--workdir",
+        str(workdir),
+        "--config.model=wrn-tiny",
+        "--config.data.source=local",
+        f"--config.data.data_dir={data_dir}",
+        "--config.batch_size=32",
+        "--config.eval_batch_size=64",
+        "--config.optimizer.lr=0.05",
+        "--config.data.augment.crop_pad=1",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
 
 
 def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
-    epochs = ["--config.num_epochs=3", "--config.optimizer.lr_decay_epochs=(2,)",
-              "--config.checkpoint_every_steps=3"]
+    epochs = [
+        "--config.num_epochs=3",
+        "--config.optimizer.lr_decay_epochs=(2,)",
+        "--config.checkpoint_every_steps=3",
+    ]
     reference = run_cli(tmp_path / "ref", *epochs, data_dir=idx_dir)
     killed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
     first_ckpt = tmp_path / "killed" / "checkpoints" / "3"  # 8 steps per epoch: mid-epoch 1
@@ -128,7 +177,7 @@ def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(idx_dir, 
     ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
     res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
     assert [r["epoch"] for r in res_rows] == [1, 2, 3]
-    for a, b in zip(ref_rows, res_rows):
+    for a, b in zip(ref_rows, res_rows, strict=True):
         for key in ("train/loss", "train/error", "test/error", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
     ref = json.load(open(tmp_path / "ref" / "results.json"))
@@ -144,17 +193,22 @@ def test_cli_rejects_unknown_config_keys(idx_dir, tmp_path):
 
 def make_step(config, data, mesh):
     steps = len(data.train_labels) // config.batch_size
-    return step_lib.Step(config, data.num_classes, data.image_shape, data.mean, data.std, steps,
-                         None, None, mesh)
+    return step_lib.Step(
+        config, data.num_classes, data.image_shape, data.mean, data.std, steps, None, None, mesh
+    )
 
 
 def test_sharded_step_equals_single_device(idx_dir):
     if len(jax.devices()) != 8:  # rerun this test alone in a process with 8 simulated devices
         name = f"{os.path.abspath(__file__)}::test_sharded_step_equals_single_device"
         out = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name], cwd=REPO,
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name],
+            cwd=REPO,
             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-            capture_output=True, text=True, timeout=600)
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
         return
     config = tiny_config(idx_dir, "student")
@@ -165,9 +219,11 @@ def test_sharded_step_equals_single_device(idx_dir):
         mesh = Mesh(np.asarray(devices), ("data",))
         st = make_step(config, data, mesh)
         state = st.init_state()
-        batch = {"index": jax.device_put(idx, sharded(mesh, None, "data")),
-                 "pool_image": jax.device_put(data.train_images, st.replicated),
-                 "pool_label": jax.device_put(data.train_labels, st.replicated)}
+        batch = {
+            "index": jax.device_put(idx, sharded(mesh, None, "data")),
+            "pool_image": jax.device_put(data.train_images, st.replicated),
+            "pool_label": jax.device_put(data.train_labels, st.replicated),
+        }
         state, sums = st.train_step(state, batch, {})
         assert len(state.params["student"]["fc"]["kernel"].sharding.device_set) == len(devices)
         results.append((jax.device_get(state.params), jax.device_get(sums)))
@@ -179,9 +235,11 @@ def test_sharded_step_equals_single_device(idx_dir):
 def one_step(config, data, idx):
     mesh = data_mesh()
     st = make_step(config, data, mesh)
-    batch = {"index": jax.device_put(idx, sharded(mesh, None, "data")),
-             "pool_image": jax.device_put(data.train_images, st.replicated),
-             "pool_label": jax.device_put(data.train_labels, st.replicated)}
+    batch = {
+        "index": jax.device_put(idx, sharded(mesh, None, "data")),
+        "pool_image": jax.device_put(data.train_images, st.replicated),
+        "pool_label": jax.device_put(data.train_labels, st.replicated),
+    }
     state, metrics = st.train_step(st.init_state(), batch, {})
     return st, jax.device_get((state.params, metrics))
 
@@ -191,30 +249,42 @@ def test_seed_strategies_unrolled_seeds_equal_single_seed_runs(idx_dir):
     idx = np.stack([np.arange(32), np.arange(32, 64)]).astype(np.int32)
     out = {}
     for strategy in ("vmap", "unroll"):
-        st, out[strategy] = one_step(tiny_config(idx_dir, "student", num_seeds=2,
-                                                 seed_strategy=strategy), data, idx)
+        st, out[strategy] = one_step(
+            tiny_config(idx_dir, "student", num_seeds=2, seed_strategy=strategy), data, idx
+        )
         assert st.seed_strategy() == strategy
     first = lambda tree, s: jax.tree.map(lambda a: a[s], tree)  # noqa: E731
     # seed 0 is the same in both; under vmap the "rbg" PRNG draws other (equally valid)
     # augmentation for the later seeds, so each strategy is deterministic on its own
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 first(out["vmap"], 0), first(out["unroll"], 0))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        first(out["vmap"], 0),
+        first(out["unroll"], 0),
+    )
     # unrolled, seed s of a K-seed run is exactly the single-seed run with seed + s
     _, single = one_step(tiny_config(idx_dir, "student", seed=1), data, idx[1:])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 first(out["unroll"], 1), first(single, 0))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        first(out["unroll"], 1),
+        first(single, 0),
+    )
     assert not np.allclose(out["unroll"][1]["train/loss"][0], out["unroll"][1]["train/loss"][1])
-    assert make_step(tiny_config(idx_dir, num_seeds=2), data, data_mesh()
-                     ).seed_strategy() == "unroll"  # auto, on CPU
+    assert (
+        make_step(tiny_config(idx_dir, num_seeds=2), data, data_mesh()).seed_strategy() == "unroll"
+    )  # auto, on CPU
     # evaluation of every seed: the same numbers either way
     from at_jax import evaluate
+
     st = make_step(tiny_config(idx_dir, num_seeds=2), data, data_mesh())
     state = st.init_state()
-    got = [evaluate.evaluate(evaluate.make_eval_fn(st.model, data.mean, data.std, seeds=2,
-                                                   seed_strategy=strategy),
-                             evaluate.student_variables(state),
-                             array_batches(data.test_images, data.test_labels, 64))
-           for strategy in ("vmap", "unroll")]
+    got = [
+        evaluate.evaluate(
+            evaluate.make_eval_fn(st.model, data.mean, data.std, seeds=2, seed_strategy=strategy),
+            evaluate.student_variables(state),
+            array_batches(data.test_images, data.test_labels, 64),
+        )
+        for strategy in ("vmap", "unroll")
+    ]
     for key in ("error", "top5_error"):
         assert got[0][key].shape == (2,)
         np.testing.assert_allclose(got[0][key], got[1][key])
@@ -244,6 +314,7 @@ def test_missing_teacher_is_explained(idx_dir, tmp_path):
 
 def test_teacher_checkpoint_that_does_not_match_its_config(idx_dir, teacher_dir, tmp_path):
     import shutil
+
     copy = tmp_path / "teacher"
     shutil.copytree(teacher_dir, copy)
     saved = json.load(open(copy / "config.json"))
@@ -259,8 +330,9 @@ def test_bad_batch_size_and_missing_data(idx_dir, tmp_path):
     n = len(jax.devices())
     assert n > 1, "the test suite runs with several simulated devices (tests/conftest.py)"
     with pytest.raises(ValueError, match=f"not divisible by the {n} devices"):
-        train.train_and_evaluate(tiny_config(idx_dir, batch_size=32 * n + 1), str(tmp_path),
-                                 progress=False)
+        train.train_and_evaluate(
+            tiny_config(idx_dir, batch_size=32 * n + 1), str(tmp_path), progress=False
+        )
     with pytest.raises(FileNotFoundError, match="looked in"):
         train.train_and_evaluate(tiny_config(tmp_path / "empty"), str(tmp_path), progress=False)
 
@@ -279,10 +351,12 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
 def test_method_configs_compose_terms():
     from at_jax import recipes
     from configs import cifar10, cifar100, fashion_mnist
+
     for module in (cifar10, cifar100, fashion_mnist):
         for method in recipes.METHODS:
             config = module.get_config(method)
             from at_jax.objective import validate_terms
+
             active = validate_terms(dict(config.loss))
             assert active, method
     config = cifar10.get_config("at_kd_decay")

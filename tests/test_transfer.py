@@ -11,30 +11,30 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
-
 from conftest import make_cub, make_image_folder, make_scenes, shrink
+from flax import traverse_util
 
 if os.environ.get("AT_JAX_REQUIRE_TORCH"):
     import torch
 else:
     torch = pytest.importorskip("torch")
 
-from at_jax import convert, finetune, runs, step as step_lib, train  # noqa: E402
-from at_jax.data import open_data  # noqa: E402
-from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from at_jax.models import forward  # noqa: E402
-from at_jax.sharding import data_mesh  # noqa: E402
-from configs import imagenet, transfer  # noqa: E402
+from at_jax import convert, finetune, runs, step as step_lib, train
+from at_jax.data import open_data
+from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD
+from at_jax.models import forward
+from at_jax.sharding import data_mesh
+from configs import imagenet, transfer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from torchvision_layout import randomized  # noqa: E402
+from torchvision_layout import randomized
 
 
 def torch_logits(model, images_nhwc_float):
     with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(
-            images_nhwc_float.transpose(0, 3, 1, 2)))).numpy()
+        return model(
+            torch.from_numpy(np.ascontiguousarray(images_nhwc_float.transpose(0, 3, 1, 2)))
+        ).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,21 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
     model = randomized(seed=1, num_classes=3)
     torch.save(model.state_dict(), root / "tiny.pth")
-    assert convert.main(["--torchvision", str(root / "tiny.pth"), "--model", "resnet-tiny",
-                         "--workdir", str(root / "run"), "--dataset", "imagefolder"]) == 0
+    assert (
+        convert.main(
+            [
+                "--torchvision",
+                str(root / "tiny.pth"),
+                "--model",
+                "resnet-tiny",
+                "--workdir",
+                str(root / "run"),
+                "--dataset",
+                "imagefolder",
+            ]
+        )
+        == 0
+    )
     return model, root
 
 
@@ -62,27 +75,32 @@ def test_converted_pth_and_npz_give_torchs_logits(converted, tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, x), atol=2e-5, rtol=1e-5)
 
     # the same arrays from an .npz (no torch needed), DataParallel's "module." prefix included
-    np.savez(tmp_path / "tiny.npz", **{f"module.{k}": v.numpy()
-                                       for k, v in model.state_dict().items()})
-    summary = convert.convert(str(tmp_path / "tiny.npz"), "resnet-tiny", str(tmp_path / "npz"),
-                              dataset="imagefolder")
+    np.savez(
+        tmp_path / "tiny.npz", **{f"module.{k}": v.numpy() for k, v in model.state_dict().items()}
+    )
+    summary = convert.convert(
+        str(tmp_path / "tiny.npz"), "resnet-tiny", str(tmp_path / "npz"), dataset="imagefolder"
+    )
     assert summary["num_classes"] == 3 and summary["parameters"] == sum(
-        p.numel() for p in model.parameters())
+        p.numel() for p in model.parameters()
+    )
     _, from_npz, _ = runs.load_run_variables(str(tmp_path / "npz"), 3, (48, 48, 3))
-    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(from_npz)):
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(from_npz), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_conversion_errors_say_what_to_do(converted, tmp_path, monkeypatch, capsys):
-    model, root = converted
+    _model, root = converted
     pth = str(root / "tiny.pth")
-    with pytest.raises(convert.ConversionError, match="not a resnet-18 .*1 blocks in layer3.*"
-                       "missing.*--model"):
+    with pytest.raises(
+        convert.ConversionError, match="not a resnet-18 .*1 blocks in layer3.*missing.*--model"
+    ):
         convert.convert(pth, "resnet-18", str(tmp_path / "a"))
     with pytest.raises(convert.ConversionError, match="already holds a run"):
         convert.convert(pth, "resnet-tiny", str(root / "run"), dataset="imagefolder")
-    with pytest.raises(convert.ConversionError, match="imagenet2012 has 1000 classes but the "
-                       "weights have 3"):
+    with pytest.raises(
+        convert.ConversionError, match="imagenet2012 has 1000 classes but the weights have 3"
+    ):
         convert.convert(pth, "resnet-tiny", str(tmp_path / "b"))
     assert not os.path.exists(tmp_path / "b" / "checkpoints")  # nothing half-written
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
@@ -91,8 +109,12 @@ def test_conversion_errors_say_what_to_do(converted, tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(convert.ConversionError, match="needs PyTorch.*pip install torch.*npz"):
         convert.read_state_dict(pth)
-    assert convert.main(["--torchvision", pth, "--model", "resnet-tiny", "--workdir",
-                         str(tmp_path / "d")]) == 1
+    assert (
+        convert.main(
+            ["--torchvision", pth, "--model", "resnet-tiny", "--workdir", str(tmp_path / "d")]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.count("\n") == 1  # one line
 
 
@@ -112,8 +134,7 @@ def test_converted_run_is_a_teacher_with_torchs_test_error(converted, folder, tm
         top5 = np.argsort(-logits, -1)[:, :5]
         wrong5 += np.sum(~(top5 == labels[:, None]).any(-1) & mask)
     assert results["teacher_test_error"] == pytest.approx(100 * wrong / data.n_test, abs=1e-4)
-    assert results["teacher_test_top5_error"] == pytest.approx(100 * wrong5 / data.n_test,
-                                                               abs=1e-4)
+    assert results["teacher_test_top5_error"] == pytest.approx(100 * wrong5 / data.n_test, abs=1e-4)
 
 
 def small(config, data_dir, name, teacher="", init_from="", model="resnet-tiny"):
@@ -136,8 +157,9 @@ def flat(tree):
 def test_finetuning_on_cub_keeps_frozen_parameters_and_bn_statistics_bit_identical(tmp_path):
     # "ImageNet" weights: 10 classes, replaced by a 3-class classifier for the CUB-format data
     torch.save(randomized(seed=2, num_classes=10).state_dict(), tmp_path / "in.pth")
-    convert.convert(str(tmp_path / "in.pth"), "resnet-tiny", str(tmp_path / "pre"),
-                    dataset="imagefolder")
+    convert.convert(
+        str(tmp_path / "in.pth"), "resnet-tiny", str(tmp_path / "pre"), dataset="imagefolder"
+    )
     cub = make_cub(tmp_path, n_classes=3, per_class=6)
     config = small(transfer.get_config("student,cub"), cub, "cub", init_from=str(tmp_path / "pre"))
     config.num_epochs = 2
@@ -148,9 +170,17 @@ def test_finetuning_on_cub_keeps_frozen_parameters_and_bn_statistics_bit_identic
     after, _, _ = runs.restore_variables(str(tmp_path / "ft"))
     before, after = flat(before), flat(after)
     assert after["params/fc/kernel"].shape == (64, 3) and before["params/fc/kernel"].shape == (
-        64, 10)
-    frozen = [k for k in after if k.split("/")[1] in ("conv1", "bn1", "layer1_0")
-              or k.startswith("batch_stats/") or "/bn" in k or "/downsample_1/" in k]
+        64,
+        10,
+    )
+    frozen = [
+        k
+        for k in after
+        if k.split("/")[1] in ("conv1", "bn1", "layer1_0")
+        or k.startswith("batch_stats/")
+        or "/bn" in k
+        or "/downsample_1/" in k
+    ]
     trained = [k for k in after if k not in frozen and not k.startswith("params/fc/")]
     assert len(frozen) > 20 and len(trained) >= 6
     for k in frozen:
@@ -162,13 +192,17 @@ def test_finetuning_on_cub_keeps_frozen_parameters_and_bn_statistics_bit_identic
 
 def test_freeze_and_init_from_errors_name_the_choices(converted, folder, tmp_path):
     _, root = converted
-    config = small(transfer.get_config("student,cub"), folder, "imagefolder",
-                   init_from=str(root / "run"))
+    config = small(
+        transfer.get_config("student,cub"), folder, "imagefolder", init_from=str(root / "run")
+    )
     config.freeze.modules = ("layer9",)
     with pytest.raises(ValueError, match=r"freeze.modules names \['layer9'\].*'layer1', 'layer2'"):
         train.train_and_evaluate(config, str(tmp_path / "a"), progress=False)
-    assert finetune.module_names(("conv1,bn1", "layer1")) == finetune.module_names(
-        "conv1, bn1,layer1") == ("conv1", "bn1", "layer1")  # as command-line overrides give them
+    assert (
+        finetune.module_names(("conv1,bn1", "layer1"))
+        == finetune.module_names("conv1, bn1,layer1")
+        == ("conv1", "bn1", "layer1")
+    )  # as command-line overrides give them
     with pytest.raises(ValueError, match="classifies 3 classes; this run has 5.*fine-tune"):
         runs.load_run_variables(str(root / "run"), 5, (32, 32, 3))  # as a teacher
     config.freeze.modules = ()
@@ -192,7 +226,10 @@ def test_every_transfer_config_is_the_papers_recipe(arg):
     assert (config.loss.kd.weight > 0) == (method == "kd")
     if method == "at":
         assert (config.loss.at.p, config.loss.at.reduce, config.loss.at.pairs) == (
-            2.0, "sum", "layer3,layer4")
+            2.0,
+            "sum",
+            "layer3,layer4",
+        )
 
 
 def test_config_arguments_are_checked():
@@ -202,15 +239,25 @@ def test_config_arguments_are_checked():
         imagenet.get_config("fitnet")
 
 
-@pytest.mark.parametrize("source,arg", [("transfer", "teacher,cub"), ("transfer", "at,scenes"),
-                                        ("transfer", "kd,cub"), ("imagenet", "at")])
+@pytest.mark.parametrize(
+    "source,arg",
+    [
+        ("transfer", "teacher,cub"),
+        ("transfer", "at,scenes"),
+        ("transfer", "kd,cub"),
+        ("imagenet", "at"),
+    ],
+)
 def test_table4_and_5_configs_train_on_generated_data(source, arg, converted, folder, tmp_path):
     _, root = converted
     run = str(root / "run")  # 3 classes, as every generated data set here
     if source == "transfer":
         dataset = arg.split(",")[1]
-        data_dir = make_cub(tmp_path, n_classes=3, per_class=4) if dataset == "cub" else \
-            make_scenes(tmp_path, per_class=4)
+        data_dir = (
+            make_cub(tmp_path, n_classes=3, per_class=4)
+            if dataset == "cub"
+            else make_scenes(tmp_path, per_class=4)
+        )
         config = small(transfer.get_config(arg), data_dir, dataset, teacher=run, init_from=run)
     else:
         config = small(imagenet.get_config(arg), folder, "imagefolder", teacher=run)
@@ -218,7 +265,8 @@ def test_table4_and_5_configs_train_on_generated_data(source, arg, converted, fo
     assert results["epochs"] == 1 and 0 <= results["final_test_error"] <= 100
     assert ("teacher_test_error" in results) == bool(config.teacher.workdir)
     assert sorted(results["loss_terms"]) == sorted(
-        k for k, v in config.loss.items() if v.weight != 0)
+        k for k, v in config.loss.items() if v.weight != 0
+    )
 
 
 def test_imagenet_lr_is_per_256_images():

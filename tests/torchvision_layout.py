@@ -15,8 +15,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -31,7 +32,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
-        for g, (n, w) in enumerate(zip(blocks, widths)):
+        for g, (n, w) in enumerate(zip(blocks, widths, strict=True)):
             layer = []
             for i in range(n):
                 layer.append(BasicBlock(cin, w, 2 if g > 0 and i == 0 else 1))

@@ -17,11 +17,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from at_jax.data.catalog import (CIFAR_MEAN, CIFAR_STD, DATASETS, STREAMED, Dataset,
-                                 dataset_num_classes, load_dataset)
+from at_jax.data.catalog import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DATASETS,
+    STREAMED,
+    Dataset,
+    dataset_num_classes,
+    load_dataset,
+)
 
-__all__ = ["open_data", "load_dataset", "dataset_num_classes", "Dataset", "DATASETS",
-           "STREAMED", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = [
+    "open_data",
+    "load_dataset",
+    "dataset_num_classes",
+    "Dataset",
+    "DATASETS",
+    "STREAMED",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+]
 
 
 def open_data(config: Any, mesh: Any) -> Any:
@@ -30,9 +45,13 @@ def open_data(config: Any, mesh: Any) -> Any:
     name = config.data.name
     if name in STREAMED:
         from at_jax.data.pipeline import StreamedData  # Grain and JAX: only when streaming
+
         return StreamedData(config, mesh)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
-                         f"{', '.join(STREAMED)} (streamed)")
+        raise ValueError(
+            f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
+            f"{', '.join(STREAMED)} (streamed)"
+        )
     from at_jax.data.memory import InMemoryData  # JAX: not in Grain's worker processes
+
     return InMemoryData(config, mesh)

@@ -32,8 +32,15 @@ def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-def augment(images_u8: jax.Array, key: jax.Array, mean, std, crop_pad: int = 4,
-            flip: bool = True, dtype=jnp.float32) -> jax.Array:
+def augment(
+    images_u8: jax.Array,
+    key: jax.Array,
+    mean,
+    std,
+    crop_pad: int = 4,
+    flip: bool = True,
+    dtype=jnp.float32,
+) -> jax.Array:
     """Training view of a uint8 batch: normalise, random crop (reflect pad), random flip."""
     crop_key, flip_key = jax.random.split(key)
     x = normalize(images_u8, mean, std, dtype)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 from jax.sharding import Mesh
@@ -18,17 +19,18 @@ def eval_batch_size(requested: int, n_examples: int, n_devices: int) -> int:
     return max(n_devices, size - size % n_devices)
 
 
-def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  mesh: Optional[Mesh] = None) -> Iterator[dict]:
+def array_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Optional[Mesh] = None
+) -> Iterator[dict]:
     """Evaluation batches ``{"image", "label", "mask"}`` of in-memory arrays; the last one padded
     (``mask`` 0) to ``batch_size``. With a ``mesh`` they are sharded over its ``data`` axis."""
     sharding = sharded(mesh) if mesh is not None else None
     for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
         mask = np.ones(len(y), np.float32)
         if len(y) < batch_size:
             pad = batch_size - len(y)
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y, mask = np.pad(y, (0, pad)), np.pad(mask, (0, pad))
         batch = {"image": x, "label": y, "mask": mask}
         if sharding is not None:

@@ -6,7 +6,8 @@
 folder of class folders works too). Times what the train step waits for: decode + random-resized
 crop + flip + batching in ``K`` Grain worker processes (0: in this process), after ``--warmup``
 batches (each worker holds at most ``2·read_threads`` batches ahead). Prints one JSON line
-(``images_per_s``, ``workers``, ``read_threads``, ``batch``, ``image_size``, ``n_images``), comparable with ``shared/bench/torch_input_reference.py`` on the same folder.
+(``images_per_s``, ``workers``, ``read_threads``, ``batch``, ``image_size``, ``n_images``),
+comparable with ``shared/bench/torch_input_reference.py`` on the same folder.
 """
 
 from __future__ import annotations
@@ -36,12 +37,22 @@ def define_flags() -> None:
     flags.DEFINE_integer("workers", 2, "Grain worker processes.")
     flags.DEFINE_integer("warmup", 3, "Untimed batches first (worker start-up).")
     flags.DEFINE_integer("read_threads", 1, "Threads per worker (config.data.read_threads).")
-    flags.DEFINE_string("compilation_cache_dir", default_cache_dir(),
-                        "JAX's persistent compilation cache ('' = off).")
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        default_cache_dir(),
+        "JAX's persistent compilation cache ('' = off).",
+    )
 
 
-def run(data_dir: str, image_size: int, batch: int, steps: int, workers: int,
-        warmup: int = 3, read_threads: int = 1) -> dict:
+def run(
+    data_dir: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    workers: int,
+    warmup: int = 3,
+    read_threads: int = 1,
+) -> dict:
     train_dir = os.path.join(data_dir, "train")
     # an image-folder root, or a bare folder of classes (what torch_input_reference.py takes)
     train, classes = sources.class_folder(train_dir if os.path.isdir(train_dir) else data_dir)
@@ -62,9 +73,14 @@ def run(data_dir: str, image_size: int, batch: int, steps: int, workers: int,
         seen += len(next(it)["label"])
     elapsed = time.perf_counter() - t0
     it.close()
-    return {"images_per_s": seen / elapsed, "workers": workers, "read_threads": read_threads,
-            "batch": batch,
-            "image_size": image_size, "n_images": len(data.train_source)}
+    return {
+        "images_per_s": seen / elapsed,
+        "workers": workers,
+        "read_threads": read_threads,
+        "batch": batch,
+        "image_size": image_size,
+        "n_images": len(data.train_source),
+    }
 
 
 def main(argv):
@@ -72,8 +88,19 @@ def main(argv):
     if not FLAGS.data_dir:
         raise app.UsageError("--data_dir is required")
     use_compilation_cache(FLAGS.compilation_cache_dir)
-    print(json.dumps(run(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch, FLAGS.steps,
-                         FLAGS.workers, FLAGS.warmup, FLAGS.read_threads)))
+    print(
+        json.dumps(
+            run(
+                FLAGS.data_dir,
+                FLAGS.image_size,
+                FLAGS.batch,
+                FLAGS.steps,
+                FLAGS.workers,
+                FLAGS.warmup,
+                FLAGS.read_threads,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

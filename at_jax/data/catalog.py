@@ -24,16 +24,29 @@ CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASETS = {
-    "cifar10": dict(num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar",
-                    image_shape=(32, 32, 3)),
-    "cifar100": dict(num_classes=100, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar",
-                     image_shape=(32, 32, 3)),
-    "fashion_mnist": dict(num_classes=10, mean=(0.2860,), std=(0.3530,), kind="idx",
-                          image_shape=(28, 28, 1),
-                          default_dirs=("/usr/share/datasets/fashion-mnist",)),
-    "mnist": dict(num_classes=10, mean=(0.1307,), std=(0.3081,), kind="idx",
-                  image_shape=(28, 28, 1), default_dirs=("/usr/share/datasets/mnist",)),
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": dict(
+        num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar", image_shape=(32, 32, 3)
+    ),
+    "cifar100": dict(
+        num_classes=100, mean=CIFAR_MEAN, std=CIFAR_STD, kind="cifar", image_shape=(32, 32, 3)
+    ),
+    "fashion_mnist": dict(
+        num_classes=10,
+        mean=(0.2860,),
+        std=(0.3530,),
+        kind="idx",
+        image_shape=(28, 28, 1),
+        default_dirs=("/usr/share/datasets/fashion-mnist",),
+    ),
+    "mnist": dict(
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        kind="idx",
+        image_shape=(28, 28, 1),
+        default_dirs=("/usr/share/datasets/mnist",),
+    ),
 }
 # Streamed datasets: images normalised with the ImageNet mean/std (as torchvision's models);
 # class counts of the TFDS ones (the local layouts count their class folders).
@@ -42,9 +55,9 @@ STREAMED_CLASSES = {"imagenet2012": 1000, "caltech_birds2011": 200}
 
 HOW_TO_GET = {
     "cifar": "download cifar-10-python.tar.gz / cifar-100-python.tar.gz from the CIFAR page into "
-             "a folder and set config.data.data_dir to it, or prepare the TFDS dataset",
+    "a folder and set config.data.data_dir to it, or prepare the TFDS dataset",
     "idx": "on Debian/Ubuntu: apt-get install dataset-fashion-mnist (Fashion-MNIST), or put the "
-           "four IDX files (gzipped or not) in a folder and set config.data.data_dir",
+    "four IDX files (gzipped or not) in a folder and set config.data.data_dir",
 }
 
 
@@ -77,8 +90,13 @@ def _search_dirs(name: str, data_dir: Optional[str]) -> list[str]:
     return dirs
 
 
-def load_dataset(name: str, source: str = "auto", data_dir: Optional[str] = None,
-                 train_size: int = 0, test_size: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    source: str = "auto",
+    data_dir: Optional[str] = None,
+    train_size: int = 0,
+    test_size: int = 0,
+) -> Dataset:
     """Load a whole dataset into host memory. ``train_size``/``test_size`` > 0 keep a prefix."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -104,8 +122,11 @@ def load_dataset(name: str, source: str = "auto", data_dir: Optional[str] = None
                 raise
             looked.append(f"tfds:{name} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if reader is None:
-        raise FileNotFoundError(f"dataset {name!r} not found; looked in: {'; '.join(looked)}. "
-                                f"To get it: {HOW_TO_GET[info['kind']]}.")
+        raise FileNotFoundError(
+            f"dataset {name!r} not found; looked in: {'; '.join(looked)}. "
+            f"To get it: {HOW_TO_GET[info['kind']]}."
+        )
+    assert origin is not None
     train_images, train_labels = reader("train")
     test_images, test_labels = reader("test")
     if train_size:
@@ -114,8 +135,16 @@ def load_dataset(name: str, source: str = "auto", data_dir: Optional[str] = None
         test_images, test_labels = test_images[:test_size], test_labels[:test_size]
     if train_labels.max(initial=0) >= info["num_classes"]:
         raise ValueError(f"{origin}: label {train_labels.max()} out of range for {name}")
-    return Dataset(train_images, train_labels, test_images, test_labels, info["num_classes"],
-                   info["mean"], info["std"], origin)
+    return Dataset(
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        info["num_classes"],
+        info["mean"],
+        info["std"],
+        origin,
+    )
 
 
 def dataset_info(config: Any) -> dict[str, Any]:
@@ -125,14 +154,24 @@ def dataset_info(config: Any) -> dict[str, Any]:
     name = config.get("data", {}).get("name")
     if name in DATASETS:
         info = DATASETS[name]
-        return {"num_classes": info["num_classes"], "image_shape": info["image_shape"],
-                "mean": info["mean"], "std": info["std"]}
+        return {
+            "num_classes": info["num_classes"],
+            "image_shape": info["image_shape"],
+            "mean": info["mean"],
+            "std": info["std"],
+        }
     if name in STREAMED:
         size = int(config.data.image_size)
-        return {"num_classes": STREAMED_CLASSES.get(name), "image_shape": (size, size, 3),
-                "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
-                     f"{', '.join(STREAMED)} (streamed)")
+        return {
+            "num_classes": STREAMED_CLASSES.get(name),
+            "image_shape": (size, size, 3),
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
+    raise ValueError(
+        f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
+        f"{', '.join(STREAMED)} (streamed)"
+    )
 
 
 def dataset_num_classes(config: Any) -> Optional[int]:

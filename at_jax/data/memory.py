@@ -3,7 +3,7 @@ the devices and the train step gathers and augments its batch inside the jitted 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from jax.sharding import Mesh
@@ -16,11 +16,14 @@ __all__ = ["InMemoryData", "epoch_indices"]
 
 
 def epoch_indices(config, epoch: int, n_train: int, steps: int) -> np.ndarray:
-    """(steps, seeds, batch) example indices: a fresh permutation per seed and epoch, derived from
-    (seed, epoch) alone so that a resumed run sees exactly the batches an uninterrupted one would."""
+    """(steps, seeds, batch) example indices: a fresh permutation per seed and epoch, derived
+    from (seed, epoch) alone so that a resumed run sees exactly the batches an uninterrupted one
+    would."""
     b = config.batch_size
-    perms = [np.random.default_rng([int(config.seed) + s, epoch]).permutation(n_train)[:steps * b]
-             for s in range(int(config.num_seeds))]
+    perms = [
+        np.random.default_rng([int(config.seed) + s, epoch]).permutation(n_train)[: steps * b]
+        for s in range(int(config.num_seeds))
+    ]
     return np.stack(perms).reshape(len(perms), steps, b).transpose(1, 0, 2).astype(np.int32)
 
 
@@ -32,21 +35,24 @@ class InMemoryData:
     def __init__(self, config, mesh: Mesh):
         data = config.data
         self.config, self.mesh = config, mesh
-        self.dataset = load_dataset(data.name, data.source, data.data_dir or None,
-                                    data.train_size, data.test_size)
+        self.dataset = load_dataset(
+            data.name, data.source, data.data_dir or None, data.train_size, data.test_size
+        )
         ds = self.dataset
         self.num_classes, self.image_shape = ds.num_classes, ds.image_shape
         self.mean, self.std = ds.mean, ds.std
         self.n_train, self.n_test = len(ds.train_labels), len(ds.test_labels)
         self.description = ds.source
         self.steps_per_epoch = self.n_train // int(config.batch_size)
-        self._pool = None
+        self._pool: dict | None = None
 
     def _pool_arrays(self) -> dict:
         if self._pool is None:
             everywhere = replicated(self.mesh)
-            self._pool = {"pool_image": global_array(self.dataset.train_images, everywhere),
-                          "pool_label": global_array(self.dataset.train_labels, everywhere)}
+            self._pool = {
+                "pool_image": global_array(self.dataset.train_images, everywhere),
+                "pool_label": global_array(self.dataset.train_labels, everywhere),
+            }
         return self._pool
 
     def train_batches(self, start_step: int) -> Iterator[dict]:

@@ -21,23 +21,24 @@ global batches so that every process runs the same number of steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import queue
 import threading
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from at_jax.data import sources as sources_lib
 from at_jax.data.batching import eval_batch_size
 from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
 from at_jax.data.transforms import EvalRecord, TrainTransform
-
 
 
 class DeviceIterator:
@@ -62,10 +63,11 @@ class DeviceIterator:
         out = {}
         for key, local in batch.items():
             local = np.asarray(local)
-            global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
             if global_shape[0] % mesh_size:
-                raise ValueError(f"a batch of {global_shape[0]} does not split over {mesh_size} "
-                                 "devices")
+                raise ValueError(
+                    f"a batch of {global_shape[0]} does not split over {mesh_size} devices"
+                )
             out[key] = jax.make_array_from_process_local_data(self._sharding, local, global_shape)
         return out
 
@@ -97,14 +99,12 @@ class DeviceIterator:
         if self._thread is not None:
             self._stop.set()
             while self._thread.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    pass
             self._thread = None
         self._queue = queue.Queue(self._prefetch)
 
-    def __iter__(self) -> "DeviceIterator":
+    def __iter__(self) -> DeviceIterator:
         return self
 
     def __next__(self) -> dict:
@@ -166,8 +166,10 @@ class StreamedData:
         self.steps_per_epoch = self.n_train // int(config.batch_size)
         processes = jax.process_count()
         if int(config.batch_size) % processes:
-            raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                             f"{processes} processes")
+            raise ValueError(
+                f"config.batch_size={config.batch_size} is not divisible by the "
+                f"{processes} processes"
+            )
         self.sharding = NamedSharding(mesh, P("data"))
 
     def _options(self) -> grain.MultiprocessingOptions:
@@ -192,8 +194,9 @@ class StreamedData:
             ds = ds.mp_prefetch(self._options())
         return ds
 
-    def train_dataset(self, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> grain.MapDataset:
+    def train_dataset(
+        self, process_index: Optional[int] = None, process_count: Optional[int] = None
+    ) -> grain.MapDataset:
         """This process's local training batches, for the whole run (``num_epochs``)."""
         config = self.config
         index = jax.process_index() if process_index is None else process_index
@@ -201,16 +204,20 @@ class StreamedData:
         per_epoch = self.steps_per_epoch * int(config.batch_size)
         ds = grain.MapDataset.source(self.train_source).seed(int(config.seed))
         ds = ds.shuffle()[:per_epoch].repeat(int(config.num_epochs))
-        ds = ds.random_map(TrainTransform(int(config.data.image_size),
-                                          bool(config.data.augment.get("flip", True))))
+        ds = ds.random_map(
+            TrainTransform(int(config.data.image_size), bool(config.data.augment.get("flip", True)))
+        )
         ds = ds[index::count]
         return ds.batch(int(config.batch_size) // count, drop_remainder=True)
 
     def train_iterator(self) -> DeviceIterator:
         """Global training batches ``{"image", "label"}`` from step 0 (a checkpoint restore sets
         the position)."""
-        return DeviceIterator(iter(self.worker_iterable(self.train_dataset())), self.sharding,
-                              self.config.data.prefetch)
+        return DeviceIterator(
+            iter(self.worker_iterable(self.train_dataset())),
+            self.sharding,
+            self.config.data.prefetch,
+        )
 
     def eval_batch_size(self) -> int:
         size = eval_batch_size(self.config.eval_batch_size, self.n_test, self.mesh.size)
@@ -221,13 +228,13 @@ class StreamedData:
         """Global evaluation batches ``{"image", "label", "mask"}`` over the whole test set."""
         size = self.eval_batch_size()
         padded = math.ceil(self.n_test / size) * size
-        ds = grain.MapDataset.range(padded).map(EvalRecord(self.test_source,
-                                                             self.config.data.image_size))
-        ds = ds[jax.process_index()::jax.process_count()]
+        ds = grain.MapDataset.range(padded).map(
+            EvalRecord(self.test_source, self.config.data.image_size)
+        )
+        ds = ds[jax.process_index() :: jax.process_count()]
         ds = self.worker_iterable(ds.batch(size // jax.process_count()))
         iterator = DeviceIterator(iter(ds), self.sharding, self.config.data.prefetch)
         try:
             yield from iterator
         finally:
             iterator.close()
-

@@ -18,7 +18,8 @@ processes. Local layouts, the ones users already have on disk:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,9 +30,9 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 LAYOUTS = {
     "imagefolder": "DATA_DIR/train/<class>/<image>.{JPEG,jpg,png} and DATA_DIR/val/<class>/...",
     "cub": "DATA_DIR/CUB_200_2011/ (or DATA_DIR itself) with images.txt, image_class_labels.txt, "
-           "train_test_split.txt, bounding_boxes.txt and images/<class>/<image>.jpg",
+    "train_test_split.txt, bounding_boxes.txt and images/<class>/<image>.jpg",
     "scenes": "DATA_DIR/Images/<class>/<image>.jpg with DATA_DIR/TrainImages.txt and "
-              "DATA_DIR/TestImages.txt (lines '<class>/<image>.jpg')",
+    "DATA_DIR/TestImages.txt (lines '<class>/<image>.jpg')",
 }
 
 
@@ -57,8 +58,10 @@ class RecordSource:
 
 
 def _layout_error(name: str, path: str, problem: str) -> DataLayoutError:
-    return DataLayoutError(f"{name}: {problem} (looked at {path}). Expected layout: "
-                           f"{LAYOUTS[name]}; set config.data.data_dir to its root.")
+    return DataLayoutError(
+        f"{name}: {problem} (looked at {path}). Expected layout: "
+        f"{LAYOUTS[name]}; set config.data.data_dir to its root."
+    )
 
 
 def _is_image(name: str) -> bool:
@@ -66,12 +69,16 @@ def _is_image(name: str) -> bool:
 
 
 def _class_dirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
-                  and not d.startswith("."))
+    return sorted(
+        d
+        for d in os.listdir(path)
+        if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
+    )
 
 
-def class_folder(root: str, classes: Optional[list[str]] = None,
-                 name: str = "imagefolder") -> tuple[RecordSource, list[str]]:
+def class_folder(
+    root: str, classes: Optional[list[str]] = None, name: str = "imagefolder"
+) -> tuple[RecordSource, list[str]]:
     """The images of ``root/<class>/*`` (labels by ``classes``, default: the sorted folders)."""
     names = _class_dirs(root)
     if not names:
@@ -81,8 +88,12 @@ def class_folder(root: str, classes: Optional[list[str]] = None,
     if unknown:
         raise _layout_error(name, root, f"classes {unknown[:5]} are not in train/")
     index = {c: i for i, c in enumerate(classes)}
-    records = [{"image": os.path.join(root, c, f), "label": index[c]}
-               for c in names for f in sorted(os.listdir(os.path.join(root, c))) if _is_image(f)]
+    records = [
+        {"image": os.path.join(root, c, f), "label": index[c]}
+        for c in names
+        for f in sorted(os.listdir(os.path.join(root, c)))
+        if _is_image(f)
+    ]
     if not records:
         raise _layout_error(name, root, "no images (.JPEG, .jpg, .png)")
     return RecordSource(records, f"{name}:{root}"), classes
@@ -91,13 +102,14 @@ def class_folder(root: str, classes: Optional[list[str]] = None,
 def image_folder(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
     """``(train, val, class_names)`` of an image-folder tree."""
     splits = []
-    classes = None
+    classes: Optional[list[str]] = None
     for split in ("train", "val"):
         root = os.path.join(data_dir, split)
         if not os.path.isdir(root):
             raise _layout_error("imagefolder", root, f"no '{split}' folder")
         source, classes = class_folder(root, classes)
         splits.append(source)
+    assert classes is not None
     return splits[0], splits[1], classes
 
 
@@ -112,8 +124,11 @@ def _read_table(path: str, name: str, columns: int) -> dict[str, list[str]]:
             if not fields:
                 continue
             if len(fields) != columns:
-                raise _layout_error(name, path, f"line {number} has {len(fields)} fields, "
-                                    f"expected {columns}: {line.strip()!r}")
+                raise _layout_error(
+                    name,
+                    path,
+                    f"line {number} has {len(fields)} fields, expected {columns}: {line.strip()!r}",
+                )
             table[fields[0]] = fields[1:]
     return table
 
@@ -134,24 +149,35 @@ def cub(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
         names = _read_table(class_file, "cub", 2)
         classes = [names.get(str(c), [str(c)])[0] for c in class_ids]
     index = {c: i for i, c in enumerate(class_ids)}
-    out = {"1": [], "0": []}
+    out: dict[str, list[dict]] = {"1": [], "0": []}
     for image_id, (relative,) in images.items():
-        missing = [n for n, t in (("image_class_labels.txt", labels),
-                                  ("train_test_split.txt", split),
-                                  ("bounding_boxes.txt", boxes)) if image_id not in t]
+        missing = [
+            n
+            for n, t in (
+                ("image_class_labels.txt", labels),
+                ("train_test_split.txt", split),
+                ("bounding_boxes.txt", boxes),
+            )
+            if image_id not in t
+        ]
         if missing:
             raise _layout_error("cub", root, f"image id {image_id} is not in {missing}")
         x, y, w, h = (float(v) for v in boxes[image_id])
         path = os.path.join(root, "images", relative)
-        out[split[image_id][0]].append({"image": path, "label": index[int(labels[image_id][0])],
-                                        "bbox": (x, y, x + w, y + h)})
+        out[split[image_id][0]].append(
+            {"image": path, "label": index[int(labels[image_id][0])], "bbox": (x, y, x + w, y + h)}
+        )
     _check_files(out["1"][:1] + out["0"][:1], "cub", root)
-    return (RecordSource(out["1"], f"cub:{root} train"), RecordSource(out["0"], f"cub:{root} test"),
-            classes)
+    return (
+        RecordSource(out["1"], f"cub:{root} train"),
+        RecordSource(out["0"], f"cub:{root} test"),
+        classes,
+    )
 
 
 def scenes(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
-    """MIT Indoor-67: the official 80/20 per-class split of ``TrainImages.txt``/``TestImages.txt``."""
+    """MIT Indoor-67: the official 80/20 per-class split of ``TrainImages.txt`` and
+    ``TestImages.txt``."""
     images_dir = os.path.join(data_dir, "Images")
     if not os.path.isdir(images_dir):
         raise _layout_error("scenes", images_dir, "no Images/ folder")
@@ -170,8 +196,9 @@ def scenes(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:
                     continue
                 cls = relative.split("/")[0]
                 if cls not in index:
-                    raise _layout_error("scenes", path, f"line {number}: class {cls!r} has no "
-                                        "folder in Images/")
+                    raise _layout_error(
+                        "scenes", path, f"line {number}: class {cls!r} has no folder in Images/"
+                    )
                 records.append({"image": os.path.join(images_dir, relative), "label": index[cls]})
         if not records:
             raise _layout_error("scenes", path, "empty image list")
@@ -235,8 +262,9 @@ def open_source(name: str, data_dir: str):
     if name in TFDS_SPLITS:
         return tfds_splits(name, data_dir or None)
     if not data_dir:
-        raise DataLayoutError(f"{name}: config.data.data_dir is not set. Expected layout: "
-                              f"{LAYOUTS[name]}.")
+        raise DataLayoutError(
+            f"{name}: config.data.data_dir is not set. Expected layout: {LAYOUTS[name]}."
+        )
     if not os.path.isdir(data_dir):
         raise _layout_error(name, data_dir, "no such directory")
     return {"imagefolder": image_folder, "cub": cub, "scenes": scenes}[name](data_dir)

@@ -12,12 +12,16 @@ def data_source(name: str, split: str, data_dir: Optional[str] = None):
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise ImportError("tensorflow-datasets is not installed: pip install 'at_jax[tfds]', or "
-                          "point config.data.data_dir at local files") from None
+        raise ImportError(
+            "tensorflow-datasets is not installed: pip install 'at_jax[tfds]', or "
+            "point config.data.data_dir at local files"
+        ) from None
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
 
 
-def load_tfds(name: str, split: str, data_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+def load_tfds(
+    name: str, split: str, data_dir: Optional[str] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """All examples of a TFDS split as (uint8 NHWC images, int32 labels)."""
     source = data_source(name, split, data_dir)
     examples = [source[i] for i in range(len(source))]

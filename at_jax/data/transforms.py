@@ -40,30 +40,32 @@ def open_image(image: Any) -> Image.Image:
     return Image.open(image)
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale=SCALE, ratio=RATIO) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=SCALE, ratio=RATIO
+) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params``: ``(x, y, w, h)`` of the crop."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _decode_region(img: Image.Image, box: tuple[float, float, float, float],
-                   out_w: int, out_h: int) -> tuple[Image.Image, tuple[float, ...]]:
+def _decode_region(
+    img: Image.Image, box: tuple[float, float, float, float], out_w: int, out_h: int
+) -> tuple[Image.Image, tuple[float, ...]]:
     """Decode ``img`` (RGB), at a reduced JPEG scale when ``box`` keeps ≥ (out_w, out_h)
     pixels; returns the image and ``box`` in its coordinates."""
     width, height = img.size
@@ -93,8 +95,8 @@ def _short_side_box(box, short: float, size: int, rng: Optional[np.random.Genera
     if rng is None:
         ox, oy = free_x / 2, free_y / 2
     else:  # whole resized pixels, as a random crop of the resized image
-        ox = rng.integers(0, int(round(free_x * scale)) + 1) / scale
-        oy = rng.integers(0, int(round(free_y * scale)) + 1) / scale
+        ox = rng.integers(0, round(free_x * scale) + 1) / scale
+        oy = rng.integers(0, round(free_y * scale) + 1) / scale
     return (x0 + ox, y0 + oy, x0 + ox + span, y0 + oy + span)
 
 
@@ -164,6 +166,9 @@ class EvalRecord:
             out = self.transform(self.source[index])
             out["mask"] = np.float32(1)
         else:
-            out = {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0),
-                   "mask": np.float32(0)}
+            out = {
+                "image": np.zeros((self.size, self.size, 3), np.uint8),
+                "label": np.int32(0),
+                "mask": np.float32(0),
+            }
         return out

@@ -9,6 +9,8 @@ widths 4-8).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 from flax import traverse_util
@@ -19,25 +21,27 @@ from at_jax.models.wrn import WideResNet, blocks_per_group
 
 _WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
-_FIXED = {
+_FIXED: dict[str, Callable[..., nn.Module]] = {
     "nin-thin": lambda **kw: NIN(widths=THIN_WIDTHS, **kw),
     "nin-wide": lambda **kw: NIN(widths=WIDE_WIDTHS, **kw),
     "resnet-18": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[18], **kw),
     "resnet-34": lambda **kw: ResNet(stage_sizes=STAGE_SIZES[34], **kw),
     "wrn-tiny": lambda **kw: WideResNet(depth=10, width=1, **kw),
-    "resnet-tiny": lambda **kw: ResNet(**{"stage_sizes": (1, 1, 1, 1), "widths": (8, 16, 32, 64),
-                                          **kw}),
+    "resnet-tiny": lambda **kw: ResNet(
+        **{"stage_sizes": (1, 1, 1, 1), "widths": (8, 16, 32, 64), **kw}
+    ),
     "nin-tiny": lambda **kw: NIN(**{"widths": (8, 8, 4, 8, 8, 8, 8, 8), **kw}),
 }
 
 
 def model_names() -> list[str]:
     """Known model names (``wrn-D-K`` stands for every valid depth and width)."""
-    return ["wrn-D-K"] + sorted(_FIXED)
+    return ["wrn-D-K", *sorted(_FIXED)]
 
 
 def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
-    """Build a model by name. ``overrides`` are module fields (e.g. ``batch_norm=False``, ``dtype``)."""
+    """Build a model by name. ``overrides`` are module fields (e.g. ``batch_norm=False``,
+    ``dtype``)."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     match = _WRN_PATTERN.match(name)
@@ -46,12 +50,17 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
         blocks_per_group(depth)
         if width < 1:
             raise ValueError(f"WRN width must be a positive integer, got {width} in {name!r}")
-        builder = lambda **kw: WideResNet(depth=depth, width=width, **kw)  # noqa: E731
+
+        def builder(**kw: Any) -> nn.Module:
+            return WideResNet(depth=depth, width=width, **kw)
+
     elif name in _FIXED:
         builder = _FIXED[name]
     else:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
-                         "(e.g. wrn-16-1, wrn-40-2)")
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(model_names())} "
+            "(e.g. wrn-16-1, wrn-40-2)"
+        )
     try:
         return builder(num_classes=num_classes, **overrides)
     except TypeError as e:

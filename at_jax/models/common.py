@@ -11,7 +11,8 @@ as PyTorch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,16 +25,30 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
-         use_bias: bool = False, name: str | None = None, dtype=jnp.float32) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int | None = None,
+    use_bias: bool = False,
+    name: str | None = None,
+    dtype=jnp.float32,
+) -> nn.Conv:
     """A square convolution with PyTorch's explicit symmetric padding (default: kernel // 2).
 
     Explicit padding (not 'SAME') keeps strided convolutions aligned exactly as in the reference.
     """
     pad = kernel // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=use_bias,
-                   kernel_init=kaiming_normal, name=name, dtype=dtype)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        kernel_init=kaiming_normal,
+        name=name,
+        dtype=dtype,
+    )
 
 
 BN_SCALE_INITS = ("ones", "uniform")
@@ -88,12 +103,23 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def batch_norm(train: bool, name: str | None = None, dtype: Any = jnp.float32,
-               scale_init: str = "ones", epsilon: float = BN_EPSILON) -> BatchNorm:
+def batch_norm(
+    train: bool,
+    name: str | None = None,
+    dtype: Any = jnp.float32,
+    scale_init: str = "ones",
+    epsilon: float = BN_EPSILON,
+) -> BatchNorm:
     """:class:`BatchNorm` with PyTorch's momentum and ``epsilon``; batch statistics (and the
     running statistics' update) when training."""
-    return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=epsilon,
-                     scale_init=bn_scale_initializer(scale_init), name=name, dtype=dtype)
+    return BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=epsilon,
+        scale_init=bn_scale_initializer(scale_init),
+        name=name,
+        dtype=dtype,
+    )
 
 
 dense = functools.partial(nn.Dense, kernel_init=kaiming_normal)

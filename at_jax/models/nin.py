@@ -28,13 +28,14 @@ PyTorch's ceil mode; an average over a window cut by the border divides by the p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from at_jax.precision import upcast
 from at_jax.models.common import batch_norm
+from at_jax.precision import upcast
 
 WIDE_WIDTHS = (192, 160, 96, 192, 192, 192, 192, 192)
 THIN_WIDTHS = tuple(w // 2 for w in WIDE_WIDTHS)
@@ -62,19 +63,32 @@ class NIN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if len(self.widths) != 8 or any(int(w) < 1 for w in self.widths):
-            raise ValueError("NIN widths are 8 positive integers (the convs before the classifier "
-                             f"conv), got {tuple(self.widths)!r}")
+            raise ValueError(
+                "NIN widths are 8 positive integers (the convs before the classifier "
+                f"conv), got {tuple(self.widths)!r}"
+            )
         x = x.astype(self.dtype)
-        features = list(self.widths) + [self.num_classes]
+        features = [*list(self.widths), self.num_classes]
         for b, kernels in enumerate(KERNELS):
             for j, kernel in enumerate(kernels):
                 pad = kernel // 2
-                x = nn.Conv(features[3 * b + j], (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                            kernel_init=weight_init, name=f"block{b}_conv{j}", dtype=self.dtype)(x)
+                x = nn.Conv(
+                    features[3 * b + j],
+                    (kernel, kernel),
+                    padding=((pad, pad), (pad, pad)),
+                    kernel_init=weight_init,
+                    name=f"block{b}_conv{j}",
+                    dtype=self.dtype,
+                )(x)
                 if self.batch_norm:
                     bn_train = train and not self.frozen_batch_norm
-                    x = batch_norm(bn_train, f"block{b}_bn{j}", self.dtype,
-                                   self.bn_scale_init, epsilon=BN_EPSILON)(x)
+                    x = batch_norm(
+                        bn_train,
+                        f"block{b}_bn{j}",
+                        self.dtype,
+                        self.bn_scale_init,
+                        epsilon=BN_EPSILON,
+                    )(x)
                 if j < 2 or self.relu_before_pool:
                     x = nn.relu(x)
             self.sow("intermediates", f"block{b}", x)

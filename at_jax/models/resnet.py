@@ -14,14 +14,15 @@ as used by the paper's ImageNet and transfer-learning experiments.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax.precision import upcast
 from at_jax.models.common import batch_norm, conv, dense
+from at_jax.precision import upcast
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -41,8 +42,9 @@ class BasicBlock(nn.Module):
         y = conv(self.features, 3, 1, name="conv2", dtype=self.dtype)(y)
         y = bn("bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = conv(self.features, 1, self.stride, padding=0, name="downsample_0",
-                     dtype=self.dtype)(x)
+            x = conv(
+                self.features, 1, self.stride, padding=0, name="downsample_0", dtype=self.dtype
+            )(x)
             x = bn("downsample_1")(x)
         return nn.relu(x + y)
 
@@ -59,21 +61,27 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         train = train and not self.frozen_batch_norm  # (only batch norm depends on it)
         x = conv(self.widths[0], 7, 2, padding=3, name="conv1", dtype=self.dtype)(
-            x.astype(self.dtype))
+            x.astype(self.dtype)
+        )
         x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for i in range(size):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = BasicBlock(width, stride, self.dtype, self.bn_scale_init,
-                               name=f"layer{stage + 1}_{i}")(x, train)
+                x = BasicBlock(
+                    width, stride, self.dtype, self.bn_scale_init, name=f"layer{stage + 1}_{i}"
+                )(x, train)
             self.sow("intermediates", f"layer{stage + 1}", x)
         x = jnp.mean(x, axis=(1, 2))
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
 
 
-_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_FIELDS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 
 
 def from_torchvision(state_dict: Mapping[str, Any]) -> dict:

@@ -6,8 +6,9 @@ BN-ReLU-conv3×3-BN-ReLU-conv3×3; when the channel count changes the shortcut i
 (same stride) applied to the *pre-activated* input. Head: BN-ReLU-global average pool-dense.
 
 Sown activations (collection ``intermediates``):
-  ``group0``, ``group1``, ``group2``       raw residual sums at the end of each group (before BN/ReLU)
-  ``group{g}.block{i}``                    raw residual sum after every block (same-depth pairing)
+
+* ``group0``, ``group1``, ``group2``: raw residual sums at the end of each group (before BN/ReLU)
+* ``group{g}.block{i}``: the raw residual sum after every block (same-depth pairing)
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from at_jax.precision import upcast
 from at_jax.models.common import batch_norm, conv, dense
+from at_jax.precision import upcast
 
 BASE_WIDTHS = (16, 32, 64)
 GROUP_STRIDES = (1, 2, 2)
@@ -29,7 +30,8 @@ def blocks_per_group(depth: int) -> int:
     """Number of blocks per group for a WRN of the given depth (depth = 6n + 4)."""
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
         raise ValueError(
-            f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}")
+            f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}"
+        )
     return (depth - 4) // 6
 
 
@@ -48,8 +50,9 @@ class WRNBlock(nn.Module):
         o2 = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(y))
         z = conv(self.features, 3, 1, name="conv1", dtype=self.dtype)(o2)
         if x.shape[-1] != self.features:
-            return z + conv(self.features, 1, self.stride, padding=0, name="convdim",
-                            dtype=self.dtype)(o1)
+            return z + conv(
+                self.features, 1, self.stride, padding=0, name="convdim", dtype=self.dtype
+            )(o1)
         if self.stride != 1:
             raise ValueError("a WRN block that changes resolution must change channels too")
         return z + x
@@ -72,10 +75,15 @@ class WideResNet(nn.Module):
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"WRN width must be a positive integer, got {self.width!r}")
         x = conv(BASE_WIDTHS[0], 3, name="conv0", dtype=self.dtype)(x.astype(self.dtype))
-        for g, (base, stride) in enumerate(zip(BASE_WIDTHS, GROUP_STRIDES)):
+        for g, (base, stride) in enumerate(zip(BASE_WIDTHS, GROUP_STRIDES, strict=True)):
             for i in range(n):
-                x = WRNBlock(base * self.width, stride if i == 0 else 1, self.dtype,
-                             self.bn_scale_init, name=f"group{g}_block{i}")(x, train)
+                x = WRNBlock(
+                    base * self.width,
+                    stride if i == 0 else 1,
+                    self.dtype,
+                    self.bn_scale_init,
+                    name=f"group{g}_block{i}",
+                )(x, train)
                 self.sow("intermediates", f"group{g}.block{i}", x)
             self.sow("intermediates", f"group{g}", x)
         x = nn.relu(batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x))
