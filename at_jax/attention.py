@@ -75,7 +75,9 @@ def spatial_map(
     _check_options(p, reduce, None)
     a = upcast(channels_last(a, channel_axis))
     powered = a * a if p == 2 else jnp.abs(a) ** p
-    return {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max}[reduce](powered, axis=-1)
+    if reduce == "sum":
+        return jnp.sum(powered, axis=-1)
+    return jnp.mean(powered, axis=-1) if reduce == "mean" else jnp.max(powered, axis=-1)
 
 
 def normalize_rows(q: jax.Array, normalize: Optional[str] = "l2") -> jax.Array:

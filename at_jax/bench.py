@@ -88,7 +88,7 @@ def run(
 ) -> dict:
     config = bench_config(method, student, batch, dtype, seeds, seed_strategy)
     shape = (image_size, image_size, 3)
-    t_model, t_vars = None, {}
+    t_model, t_vars = None, None
     if method != "ce" and method not in ("min_l2", "symmetry"):
         t_model = get_model(teacher_name, num_classes=10)
         t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))

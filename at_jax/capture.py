@@ -99,7 +99,11 @@ def _linen(
     wanted = set(names)
 
     def keep(module: nn.Module, method_name: str) -> bool:
-        return method_name == _CALL and _joined(module.scope.path) in wanted
+        return (
+            method_name == _CALL
+            and module.scope is not None
+            and (_joined(module.scope.path) in wanted)
+        )
 
     user_mutable = call_kwargs.pop("mutable", False)
     if user_mutable is True:

@@ -36,7 +36,8 @@ def use_cpu_cores(batch_size: Optional[int] = None, cores: Optional[int] = None)
     (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` or ``jax_num_cpu_devices``) or when
     JAX's backends are already initialised. Returns the count it set otherwise.
     """
-    if _FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices != -1:
+    chosen = getattr(jax.config, "jax_num_cpu_devices")  # noqa: B009 (not in its type stubs)
+    if _FLAG in os.environ.get("XLA_FLAGS", "") or chosen != -1:
         return None
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

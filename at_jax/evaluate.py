@@ -48,7 +48,7 @@ def make_eval_fn(
     def single(variables, batch, teacher_variables):
         x = normalize(batch["image"], mean, std, dtype)
         if teacher_model is None or pairs is None:
-            logits = model.apply(variables, x, train=False)
+            logits, _, _ = forward(model, variables, x)
             return error_counts(logits, batch["label"], batch["mask"])
         logits, s_acts, _ = forward(model, variables, x)
         _, t_acts, _ = forward(teacher_model, teacher_variables, x.astype(jnp.float32))

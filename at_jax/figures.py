@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
+import jax.numpy as jnp
 import numpy as np
 
 from at_jax.analysis import as_model_fn
@@ -50,7 +51,7 @@ def attention_figure(
     import matplotlib.pyplot as plt
 
     if mean is not None:
-        x: Any = normalize(images_u8, mean, std)
+        x: Any = normalize(jnp.asarray(images_u8), mean, std)
     else:
         x = preprocess(images_u8) if preprocess is not None else images_u8
     maps = {}

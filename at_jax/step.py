@@ -201,7 +201,7 @@ class Step:
     def init_single(self, key: jax.Array, pretrained: Any = None) -> TrainState:
         model_key, terms_key, rng = jax.random.split(make_key(key), 3)
         dummy = jnp.zeros((2, *self.image_shape), self.dtype)
-        variables = self.model.init(model_key, dummy)
+        variables: Any = self.model.init(model_key, dummy)
         if pretrained is not None:
             variables = finetune.merge(variables, pretrained, self.replaced)
         acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._student_shapes)
@@ -266,12 +266,13 @@ class Step:
         s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key)(images)
         gradient_pass = self.student_fn(params, batch_stats, self.bn_mode == "batch_stats", key)
         t_logits, t_acts, teacher_fn = None, {}, None
-        if self.teacher_model is not None:
+        teacher = self.teacher_model
+        if teacher is not None:
 
             def teacher_fn(x):
-                return forward(self.teacher_model, teacher_variables, x)[0]
+                return forward(teacher, teacher_variables, x)[0]
 
-            t_logits, t_acts, _ = forward(self.teacher_model, teacher_variables, images)
+            t_logits, t_acts, _ = forward(teacher, teacher_variables, images)
         out = objective.StepOutputs(
             images=images,
             labels=labels,

@@ -98,12 +98,12 @@ def train_and_evaluate(
         # host copies first: a global (multi-process) array is built from the same values on
         # every process
         teacher_variables = jax.device_put(jax.device_get(teacher_variables), replicated(mesh))
-        teacher_eval = evaluate.evaluate(
+        measured = evaluate.evaluate(
             evaluate.make_eval_fn(teacher_model, data.mean, data.std),
             teacher_variables,
             data.eval_batches(),
         )
-        teacher_eval = {k: float(v) for k, v in teacher_eval.items()}
+        teacher_eval = {k: float(v) for k, v in measured.items()}
         say(
             f"teacher {teacher_cfg.model} ({config.teacher.workdir}): test error "
             f"{teacher_eval['error']:.2f}% (top-5 {teacher_eval['top5_error']:.2f}%)"

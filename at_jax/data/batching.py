@@ -33,6 +33,7 @@ def array_batches(
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y, mask = np.pad(y, (0, pad)), np.pad(mask, (0, pad))
         batch = {"image": x, "label": y, "mask": mask}
-        if sharding is not None:
-            batch = {k: global_array(v, sharding) for k, v in batch.items()}
-        yield batch
+        if sharding is None:
+            yield batch
+        else:
+            yield {k: global_array(v, sharding) for k, v in batch.items()}

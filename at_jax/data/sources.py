@@ -241,9 +241,10 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict:
         example = self.source[int(index)]
-        record = {"image": np.asarray(example["image"]), "label": int(example["label"])}
+        image = np.asarray(example["image"])
+        record: dict[str, Any] = {"image": image, "label": int(example["label"])}
         if "bbox" in example:  # tfds BBoxFeature: normalised (ymin, xmin, ymax, xmax)
-            h, w = record["image"].shape[:2]
+            h, w = image.shape[:2]
             ymin, xmin, ymax, xmax = np.asarray(example["bbox"], np.float64).reshape(-1)[:4]
             record["bbox"] = (xmin * w, ymin * h, xmax * w, ymax * h)
         return record

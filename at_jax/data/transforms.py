@@ -82,7 +82,7 @@ def _decode_region(
 
 def _resized(img: Image.Image, box, size: tuple[int, int]) -> Image.Image:
     img, box = _decode_region(img, box, *size)
-    return img.resize(size, Image.BILINEAR, box=box)
+    return img.resize(size, Image.Resampling.BILINEAR, box=box)
 
 
 def _short_side_box(box, short: float, size: int, rng: Optional[np.random.Generator]):
@@ -134,7 +134,7 @@ class TrainTransform:
             box = (x, y, x + w, y + h)
         img = _resized(img, box, (self.size, self.size))
         if self.flip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _output(img, record["label"])
 
 
