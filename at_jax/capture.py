@@ -23,7 +23,10 @@ Names:
   indices as numbers (``"blocks/2"``); the value is that submodule's ``__call__`` output, or
   a value sown with ``self.sow(nnx.Intermediate, name, value)``. Captured with
   ``nnx.capture``: it works inside ``nnx.jit`` and ``nnx.grad``, and leaves the model as it
-  was (no captured values or instrumentation remain on it).
+  was (no captured values or instrumentation remain on it). A model from outside the current
+  trace (a teacher that a function under ``nnx.jit`` closes over) runs on a copy of itself:
+  its state changes (BN statistics in train mode) are not written back, as befits a teacher
+  in eval mode.
 
 A submodule called more than once in a forward pass (shared weights, a loop) gives the output
 of its first call. An unknown name raises ``ValueError`` listing the model's paths.
@@ -44,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 from flax import nnx, traverse_util
@@ -144,12 +148,20 @@ def _linen(
 def _nnx(
     model: nnx.Module, x: Any, names: list[str], call_kwargs: dict
 ) -> tuple[Any, dict[str, Any]]:
-    output, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
-        x, **call_kwargs
-    )
+    def run(module: nnx.Module) -> tuple[Any, Any]:
+        return nnx.capture(module, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            x, **call_kwargs
+        )
+
+    try:
+        output, captured = run(model)
+    except flax.errors.TraceContextError:
+        # a module from outside the current trace (a teacher closed over in nnx.jit or
+        # nnx.grad) cannot be written to here: capture on a copy of it in this trace
+        output, captured = run(nnx.merge(*nnx.split(model)))
     found = {
         tuple(str(p) for p in path): variable.get_value()
-        for path, variable in captured.flat_state()
+        for path, variable in nnx.to_flat_state(captured)
     }
 
     def available() -> list[str]:

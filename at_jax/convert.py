@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from at_jax import recipes, runs
 from at_jax.data import dataset_num_classes
+from at_jax.data.catalog import dataset_info
 from at_jax.metrics import write_json_atomic
 from at_jax.models import from_torchvision, get_model
 
@@ -187,6 +188,8 @@ def write_run(
     saved = json.loads(config.to_json())
     saved["converted_from"] = source
     write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), saved)
+    info = dataset_info(config)
+    runs.write_data_info(workdir, num_classes, info["image_shape"], info["mean"], info["std"])
 
 
 def convert(

@@ -3,6 +3,7 @@ any code; :class:`Checkpoints`, :func:`check_same_run` and :func:`restore_variab
 training loop uses.
 
     WORKDIR/config.json        the resolved config (read back when this run serves as a teacher)
+    WORKDIR/data.json          its data: num_classes, image_shape, mean, std (for load_teacher)
     WORKDIR/checkpoints/STEP/  Orbax: "state" (train state + the epoch's metric sums), "meta"
                                (JSON: wall time), "data" (the Grain iterator's state, streamed
                                runs; one JSON file per process)
@@ -34,7 +35,7 @@ from flax import traverse_util
 from at_jax import finetune, step as step_lib
 from at_jax.data.augment import normalize
 from at_jax.data.catalog import dataset_info, dataset_num_classes
-from at_jax.metrics import RESULTS_FILE
+from at_jax.metrics import RESULTS_FILE, write_json_atomic
 from at_jax.models import forward
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # what the run's images were: class count, shape, mean/std
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
 
@@ -115,6 +117,36 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     """A hash of what defines the run's numbers (the :data:`RESUMABLE_KEYS` excluded)."""
     kept = {k: v for k, v in flat_config(config).items() if k not in RESUMABLE_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_data_info(
+    workdir: str, num_classes: int, image_shape: tuple, mean: Any, std: Any
+) -> None:
+    """Record what the run's images are (``data.json``): :func:`load_teacher` reads it."""
+    write_json_atomic(
+        os.path.join(workdir, DATA_FILE),
+        {
+            "num_classes": int(num_classes),
+            "image_shape": [int(d) for d in image_shape],
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+        },
+    )
+
+
+def read_data_info(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The run's ``data.json``, or (runs made before it existed) what its config implies."""
+    path = os.path.join(workdir, DATA_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        return {
+            **saved,
+            "image_shape": tuple(saved["image_shape"]),
+            "mean": tuple(saved["mean"]),
+            "std": tuple(saved["std"]),
+        }
+    return dataset_info(config)
 
 
 def read_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
@@ -468,12 +500,13 @@ def load_teacher(workdir: str, seed_index: int = 0) -> Teacher:
         teacher = load_teacher("runs/cifar10/wrn-16-2")
         logits, acts = teacher(images_uint8)      # eval mode, jitted; acts["group0"], ...
 
-    Reads the run's ``config.json`` (architecture, dataset: class count, image shape, mean and
-    std) and its newest checkpoint (seed ``seed_index`` of a multi-seed run; only parameters and
+    Reads the run's ``config.json`` (architecture), ``data.json`` (class count, image shape,
+    mean and std of its images; for older runs, what the dataset's name implies) and its newest
+    checkpoint (seed ``seed_index`` of a multi-seed run; only parameters and
     BN statistics). Raises with what to do when the run is missing or does not match its config.
     """
     variables, config, where = restore_variables(workdir, seed_index)
-    info = dataset_info(config)
+    info = read_data_info(workdir, config)
     image_shape = tuple(info["image_shape"])
     num_classes = info["num_classes"] or _saved_num_classes(config, variables, image_shape)
     model = _evaluation_model(workdir, variables, config, where, num_classes, image_shape)

@@ -139,6 +139,7 @@ def train_and_evaluate(
         )
     if is_main:
         write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))
+        runs.write_data_info(workdir, data.num_classes, data.image_shape, data.mean, data.std)
     checkpoints = runs.Checkpoints(workdir, config.keep_checkpoints, data.streamed)
     try:
         return _loop(

@@ -66,6 +66,27 @@ def idx_dir(tmp_path_factory):
     return make_idx_dataset(tmp_path_factory.mktemp("idx"))
 
 
+@pytest.fixture(scope="session")
+def teacher_dir(idx_dir, tmp_path_factory):
+    """A tiny teacher (WRN-10-1) trained for 5 epochs on ``idx_dir``: shared by the tests that
+    need a trained run (copy it before changing it)."""
+    from at_jax import train
+
+    workdir = tmp_path_factory.mktemp("teacher")
+    train.train_and_evaluate(
+        tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
+        str(workdir),
+        progress=False,
+    )
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def teacher_run(teacher_dir, idx_dir):
+    """``(workdir, data_dir)`` of the shared tiny teacher."""
+    return teacher_dir, idx_dir
+
+
 def init(model, seed, *args, **kwargs):
     """``model.init`` compiled as one program with an "rbg" key: much faster than running it op by
     op with threefry keys (each op then compiles separately)."""

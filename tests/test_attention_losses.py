@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init
 
 from at_jax.attention import attention_map
 from at_jax.losses import at_loss, cross_entropy, factt_loss, kd_loss, pair_activations
 from at_jax.objective import FActTAdapters, StepOutputs, make_objective
+from conftest import init
 
 
 def np_attention(x_nchw, p, reduce, normalize):

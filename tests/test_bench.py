@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_image_folder
 
 from at_jax import bench
 from at_jax.data import bench as data_bench
+from conftest import make_image_folder
 
 
 @pytest.mark.parametrize("method,seeds", [("at", 2)])

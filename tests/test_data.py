@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_idx_dataset, write_idx
 
 from at_jax.data import CIFAR_MEAN, CIFAR_STD, load_dataset
 from at_jax.data.augment import augment, normalize, random_crop
 from at_jax.data.local import read_idx
+from conftest import make_idx_dataset, write_idx
 
 
 def cifar_batches(rng, n, label_key):

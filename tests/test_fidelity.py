@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init, tiny_config
 
 from at_jax import step as step_lib
 from at_jax.data import load_dataset
 from at_jax.models import forward, get_model
 from at_jax.models.common import BatchNorm
 from at_jax.sharding import data_mesh, sharded
+from conftest import init, tiny_config
 
 if os.environ.get("AT_JAX_REQUIRE_TORCH"):
     import torch

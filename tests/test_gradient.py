@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init, tiny_config
 
 from at_jax import gradient, objective
 from at_jax.models import NIN, forward
+from conftest import init, tiny_config
 
 
 def tiny_nin(**kw):

@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init
 
 from at_jax.models import forward, from_torchvision, get_model
+from conftest import init
 
 
 def n_params(tree):

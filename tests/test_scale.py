@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
 
 from at_jax import runs
 from at_jax.metrics import read_jsonl
+from conftest import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [

@@ -8,7 +8,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 from PIL import Image
 
 from at_jax import runs, step as step_lib, train
@@ -17,6 +16,7 @@ from at_jax.data.pipeline import StreamedData
 from at_jax.data.transforms import EvalTransform, TrainTransform, random_resized_crop_box
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh
+from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 
 
 @pytest.fixture(scope="module")

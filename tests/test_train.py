@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 from jax.sharding import Mesh
 
 from at_jax import runs, step as step_lib, train
@@ -17,20 +16,9 @@ from at_jax.data import load_dataset
 from at_jax.data.batching import array_batches
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh, sharded
+from conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(idx_dir, tmp_path_factory):
-    """A tiny teacher trained for 5 epochs (shared by the student tests)."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    train.train_and_evaluate(
-        tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
-        str(workdir),
-        progress=False,
-    )
-    return workdir
 
 
 def test_teacher_then_at_kd_student_end_to_end(idx_dir, teacher_dir, tmp_path):

@@ -11,8 +11,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import make_cub, make_image_folder, make_scenes, shrink
 from flax import traverse_util
+
+from conftest import make_cub, make_image_folder, make_scenes, shrink
 
 if os.environ.get("AT_JAX_REQUIRE_TORCH"):
     import torch
