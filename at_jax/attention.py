@@ -70,7 +70,7 @@ def channels_last(a: jax.Array, channel_axis: int = -1) -> jax.Array:
 def spatial_map(
     a: jax.Array, p: float = 2.0, reduce: str = "mean", channel_axis: int = -1
 ) -> jax.Array:
-    """Unnormalised 2-D attention: (B, H, W, C) -> (B, H, W) of reduce_c |a_c|^p (at least
+    """Unnormalised 2-D attention: (B, H, W, C) -> (B, H, W) of ``reduce_c |a_c|^p`` (at least
     float32). ``channel_axis=1`` takes (B, C, H, W)."""
     _check_options(p, reduce, None)
     a = upcast(channels_last(a, channel_axis))

@@ -23,6 +23,8 @@ from at_jax.data import CIFAR_MEAN, CIFAR_STD
 from at_jax.models import get_model
 from at_jax.sharding import sharded
 
+__all__ = ["run", "bench_config", "main"]
+
 METHODS = {
     "ce": "student",
     "at": "at",

@@ -8,7 +8,7 @@ The run directory (``config.json`` + an Orbax checkpoint, like a trained run's) 
 ``config.init_from`` (a starting point for fine-tuning or for a student).
 
 Input: a torchvision ``state_dict`` saved with ``torch.save`` (``.pth``/``.pt``; reading it needs
-PyTorch), or the same arrays in a NumPy ``.npz`` (no PyTorch needed):
+PyTorch), or the same arrays in a NumPy ``.npz`` (no PyTorch needed)::
 
     python -c "import torch, numpy; sd = torch.load('resnet34.pth', map_location='cpu');
                numpy.savez('resnet34.npz', **{k: v.numpy() for k, v in sd.items()})"
@@ -38,6 +38,16 @@ from at_jax.data import dataset_num_classes
 from at_jax.data.catalog import dataset_info
 from at_jax.metrics import write_json_atomic
 from at_jax.models import from_torchvision, get_model
+
+__all__ = [
+    "convert",
+    "main",
+    "read_state_dict",
+    "to_variables",
+    "write_run",
+    "ConversionError",
+    "MODELS",
+]
 
 MODELS = ("resnet-18", "resnet-34", "resnet-tiny")
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import jax
 
+__all__ = ["use_cpu_cores", "cpu_device_count"]
+
 _FLAG = "xla_force_host_platform_device_count"
 
 

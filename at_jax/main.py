@@ -15,6 +15,8 @@ from ml_collections import config_flags
 
 from at_jax import compilation_cache, devices, runs, train
 
+__all__ = ["main", "parse_flags"]
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True

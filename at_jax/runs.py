@@ -1,6 +1,6 @@
 """A run directory: call :func:`load_teacher` to use a trained (or converted) run as a teacher in
 any code; :class:`Checkpoints`, :func:`check_same_run` and :func:`restore_variables` are what the
-training loop uses.
+training loop uses. ::
 
     WORKDIR/config.json        the resolved config (read back when this run serves as a teacher)
     WORKDIR/data.json          its data: num_classes, image_shape, mean, std (for load_teacher)

@@ -15,9 +15,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
-    "Mesh",
-    "NamedSharding",
-    "PartitionSpec",
     "data_mesh",
     "global_array",
     "replicated",

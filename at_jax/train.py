@@ -30,6 +30,8 @@ from at_jax.data import open_data
 from at_jax.metrics import RESULTS_FILE, MetricsWriter, epoch_row, window_row, write_json_atomic
 from at_jax.sharding import data_mesh, replicated
 
+__all__ = ["train_and_evaluate", "TrainingDiverged"]
+
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["augment", "normalize", "random_crop", "random_flip"]
+
 
 def normalize(images_u8: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
     x = images_u8.astype(jnp.float32) / 255.0

@@ -24,6 +24,8 @@ from at_jax.data import sources
 from at_jax.data.pipeline import StreamedData
 from at_jax.sharding import data_mesh
 
+__all__ = ["run", "main", "define_flags"]
+
 FLAGS = flags.FLAGS
 
 

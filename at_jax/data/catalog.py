@@ -18,6 +18,20 @@ import numpy as np
 from at_jax.data.local import find_cifar, find_idx
 from at_jax.data.tfds_source import load_tfds
 
+__all__ = [
+    "load_dataset",
+    "dataset_info",
+    "dataset_num_classes",
+    "Dataset",
+    "DATASETS",
+    "STREAMED",
+    "STREAMED_CLASSES",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
 CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+__all__ = ["find_cifar", "find_idx", "read_idx"]
+
 CIFAR_LAYOUT: dict[str, dict[str, Any]] = {
     "cifar10": dict(
         archive="cifar-10-python.tar.gz",

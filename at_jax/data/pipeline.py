@@ -1,6 +1,6 @@
 """The streamed input pipeline, on Grain: data that does not fit in memory, one host or many.
 
-Training stream (``grain.MapDataset``, every step deterministic from ``config.seed``):
+Training stream (``grain.MapDataset``, every step deterministic from ``config.seed``)::
 
     source -> shuffle (a new permutation each epoch) -> first steps·B records of each epoch
            -> repeat(num_epochs) -> random crop + flip (TrainTransform, seeded per record)
@@ -39,6 +39,8 @@ from at_jax.data import sources as sources_lib
 from at_jax.data.batching import eval_batch_size
 from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
 from at_jax.data.transforms import EvalRecord, TrainTransform
+
+__all__ = ["StreamedData", "DeviceIterator"]
 
 
 class DeviceIterator:

@@ -1,4 +1,4 @@
-"""Random-access sources of the streamed datasets (Grain ``RandomAccessDataSource``s).
+"""Random-access sources of the streamed datasets (what Grain calls a ``RandomAccessDataSource``).
 
 Each source is a picklable sequence of records ``{"image": path | bytes | array, "label": int,
 "bbox": optional}`` (see :mod:`at_jax.data.transforms`); images are decoded later, in the worker
@@ -24,6 +24,20 @@ from typing import Any, Optional
 import numpy as np
 
 from at_jax.data.tfds_source import data_source
+
+__all__ = [
+    "open_source",
+    "image_folder",
+    "cub",
+    "scenes",
+    "class_folder",
+    "tfds_splits",
+    "RecordSource",
+    "Subset",
+    "TfdsSource",
+    "DataLayoutError",
+    "LAYOUTS",
+]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 

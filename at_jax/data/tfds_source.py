@@ -6,6 +6,8 @@ from typing import Optional
 
 import numpy as np
 
+__all__ = ["data_source", "load_tfds"]
+
 
 def data_source(name: str, split: str, data_dir: Optional[str] = None):
     """A prepared TFDS split as a random-access source (nothing is downloaded)."""

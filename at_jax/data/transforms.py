@@ -24,6 +24,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+__all__ = ["TrainTransform", "EvalTransform", "EvalRecord", "open_image", "random_resized_crop_box"]
+
 RESIZE_RATIO = 256 / 224
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)

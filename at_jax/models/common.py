@@ -18,6 +18,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "BatchNorm",
+    "batch_norm",
+    "conv",
+    "dense",
+    "bn_scale_initializer",
+    "kaiming_normal",
+    "BN_MOMENTUM",
+    "BN_EPSILON",
+    "BN_SCALE_INITS",
+]
+
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 # PyTorch's BatchNorm2d defaults: momentum 0.1 on the new statistic (= 0.9 on the running one).

@@ -8,14 +8,13 @@ Lin et al.'s CIFAR network) — the paper's NIN students and teachers (§4.1.1, 
 Every convolution has a bias and is followed by [BN (eps 1e-3)] and ReLU. Switches for the
 paper's variants:
 
-  ``batch_norm``        BN after every conv (the activation-based experiments) or none (Table 3's
-                        gradient-based AT);
-  ``relu_before_pool``  whether the conv before each pooling is followed by ReLU. The paper's
-                        thin student without BN drops it ("which leads to better performance
-                        without batch normalization"), and so does its second teacher for
-                        activation-based AT;
-  ``dropout_rate``      the dropout after the two poolings (0.5 in nin.lua; 0 turns it off);
-  ``frozen_batch_norm`` BN uses its running statistics in train mode too (fine-tuning).
+* ``batch_norm``: BN after every conv (the activation-based experiments) or none (Table 3's
+  gradient-based AT);
+* ``relu_before_pool``: whether the conv before each pooling is followed by ReLU. The paper's
+  thin student without BN drops it ("which leads to better performance without batch
+  normalization"), and so does its second teacher for activation-based AT;
+* ``dropout_rate``: the dropout after the two poolings (0.5 in nin.lua; 0 turns it off);
+* ``frozen_batch_norm``: BN uses its running statistics in train mode too (fine-tuning).
 
 Widths: ``nin-wide`` (192, 160, 96, 192, 192, 192, 192, 192): 966,986 parameters without BN,
 969,822 with (10 classes) — the paper's "wide NIN, 1M"; ``nin-thin`` halves every width: 246,186
@@ -36,6 +35,8 @@ import jax.numpy as jnp
 
 from at_jax.models.common import batch_norm
 from at_jax.precision import upcast
+
+__all__ = ["NIN", "WIDE_WIDTHS", "THIN_WIDTHS"]
 
 WIDE_WIDTHS = (192, 160, 96, 192, 192, 192, 192, 192)
 THIN_WIDTHS = tuple(w // 2 for w in WIDE_WIDTHS)

@@ -24,6 +24,8 @@ import numpy as np
 from at_jax.models.common import batch_norm, conv, dense
 from at_jax.precision import upcast
 
+__all__ = ["ResNet", "BasicBlock", "from_torchvision", "STAGE_SIZES", "STAGE_WIDTHS"]
+
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
 

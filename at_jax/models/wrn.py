@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from at_jax.models.common import batch_norm, conv, dense
 from at_jax.precision import upcast
 
+__all__ = ["WideResNet", "WRNBlock", "wrn", "blocks_per_group"]
+
 BASE_WIDTHS = (16, 32, 64)
 GROUP_STRIDES = (1, 2, 2)
 
