@@ -90,6 +90,9 @@ def main(argv):
     try:
         compilation_cache.use_compilation_cache(FLAGS.config.compilation_cache_dir)
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Stopped as e:  # SIGTERM/SIGINT: a checkpoint is saved; exit as the signal would
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except (
         ValueError,
         KeyError,

@@ -31,6 +31,8 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+# metrics that are counts over the steps (reported as totals, not as means per example)
+COUNTS = ("train/skipped_images",)
 
 
 def error_counts(
@@ -115,11 +117,15 @@ class MetricsWriter:
 
 def train_means(sums: Mapping[str, Any]) -> dict[str, float]:
     """Per-seed metric sums -> the row's train metrics: the median over seeds of each loss term's
-    mean, and ``train/error``, ``train/top5_error`` in %."""
+    mean, ``train/error``, ``train/top5_error`` in %, and counts (``train/skipped_images``: the
+    broken images replaced) as totals."""
     sums = dict(sums)
     count = np.maximum(np.asarray(sums.pop("train/count")), 1)
     row = {}
     for key, value in sums.items():
+        if key in COUNTS:
+            row[key] = float(np.max(value))
+            continue
         mean = np.asarray(value) / count
         if key.endswith("errors"):
             row[key[:-1]] = float(np.median(mean)) * 100.0

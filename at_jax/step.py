@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from at_jax import finetune, losses, objective
 from at_jax.data import augment as aug
+from at_jax.data.catalog import STREAMED
 from at_jax.metrics import error_counts
 from at_jax.models import forward, get_model
 from at_jax.seeds import SEED_STRATEGIES, make_key, map_seeds
@@ -140,6 +141,7 @@ class Step:
             raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
         self.model = build_model(config, num_classes)
         self.dtype = compute_dtype(config)
+        self.streamed = config.data.name in STREAMED
         self.loss_spec = dict(config.loss)
         self.objective = objective.make_objective(self.loss_spec)
         if objective.needs_teacher(self.loss_spec) and teacher_model is None:
@@ -344,6 +346,9 @@ class Step:
             f"train/{k}": v.astype(jnp.float32) * batch_size for k, v in measurements.items()
         }
         metrics.update({f"train/{k}": v for k, v in error_counts(logits, labels).items()})
+        if self.streamed:  # broken images replaced in this batch (config.data.on_bad_image)
+            skipped = batch.get("skipped_count", jnp.zeros((), jnp.int32))
+            metrics["train/skipped_images"] = jnp.sum(skipped).astype(jnp.float32)
         return new_state, metrics
 
     def seed_strategy(self) -> str:
@@ -384,6 +389,8 @@ class Step:
             "top5_errors",
             "count",
         ]
+        if self.streamed:
+            names.append("skipped_images")
         return [f"train/{n}" for n in names]
 
     def empty_sums(self) -> dict[str, jax.Array]:

@@ -66,6 +66,19 @@ def idx_dir(tmp_path_factory):
     return make_idx_dataset(tmp_path_factory.mktemp("idx"))
 
 
+@pytest.fixture
+def procs():
+    """Start subprocesses (``procs.start(cmd, ...)``), each in its own process group; after the
+    test, the whole group of each must be gone within 10 s (its Grain workers and resource
+    tracker included) — whatever is left is killed and fails the test."""
+    from procs import Processes
+
+    processes = Processes()
+    yield processes
+    left = processes.close()
+    assert not left, f"processes left behind 10 s after their run ended: {left}"
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(idx_dir, tmp_path_factory):
     """A tiny teacher (WRN-10-1) trained for 5 epochs on ``idx_dir``: shared by the tests that

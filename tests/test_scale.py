@@ -1,16 +1,17 @@
-"""The streamed run from the command line: configs/imagenet.py on a generated image folder,
-SIGKILL in the middle of an epoch, and two processes making one run."""
+"""The streamed run from the command line (configs/imagenet.py on a generated image folder, 2
+Grain workers): preemption (SIGTERM), SIGKILL and exact resume, no process left behind, two
+processes making one run (and stopping together), and the CLI's one-line errors."""
 
 import json
 import os
+import re
 import signal
 import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from procs import group_members, wait_group_gone, wait_until
 
 from at_jax import runs
 from at_jax.metrics import read_jsonl
@@ -23,7 +24,7 @@ SMALL = [
     "--config.batch_size=8",
     "--config.eval_batch_size=8",
     "--config.optimizer.lr=0.05",
-    "--config.log_every_steps=2",
+    "--config.log_every_steps=1",
 ]
 
 
@@ -32,7 +33,7 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imagenet-like"), n_train=12)
 
 
-def cli(workdir, data_dir, *extra, devices=2, process=None):
+def cli(procs, workdir, data_dir, *extra, devices=2):
     cmd = [
         sys.executable,
         "-m",
@@ -50,55 +51,75 @@ def cli(workdir, data_dir, *extra, devices=2, process=None):
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
-    return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    return procs.start(cmd, cwd=REPO, env=env)
 
 
-def finish(proc, timeout=400):
+def finish(proc, timeout=400, code=0):
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
+    assert proc.returncode == code, out
     return out
 
 
-def test_sigkill_mid_epoch_then_the_same_command_ends_with_identical_metrics(folder, tmp_path):
-    # 36 images / batch 8: 4 steps per epoch; checkpoints every 3 steps fall inside epochs
-    extra = [
-        "--config.num_epochs=3",
-        "--config.checkpoint_every_steps=3",
-        "--config.data.num_workers=2",
-        "--config.optimizer.lr_decay_epochs=(2,)",
-    ]
-    reference = cli(tmp_path / "ref", folder, *extra)
-    killed = cli(tmp_path / "killed", folder, *extra)
-    mid_epoch = tmp_path / "killed" / "checkpoints" / "6"
-    deadline = time.time() + 300
-    while not mid_epoch.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "run ended before it could be interrupted"
-    time.sleep(0.3)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "results.json").exists()
-    out = finish(cli(tmp_path / "killed", folder, *extra))
-    assert "resuming" in out and "final test error" in out
-    finish(reference)
-    ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
-    res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
+def rows_at_least(workdir, n):
+    return lambda: len(read_jsonl(str(workdir / "metrics.jsonl"))) >= n
+
+
+def assert_same_run(ref_dir, run_dir, rel=1e-6):
+    ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
+    res_rows = read_jsonl(str(run_dir / "metrics.jsonl"))
     assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
     for a, b in zip(ref_rows, res_rows, strict=True):
         for key in a:
             if key.startswith(("train/", "test/")) or key == "lr":
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
-    ref = json.load(open(tmp_path / "ref" / "results.json"))
-    res = json.load(open(tmp_path / "killed" / "results.json"))
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-7), (a["step"], key)
+    ref = json.load(open(ref_dir / "results.json"))
+    res = json.load(open(run_dir / "results.json"))
     for key in ("final_test_error", "final_test_top5_error", "best_test_error"):
         assert ref[key] == pytest.approx(res[key], abs=1e-6)
-    # the Grain iterator's position is in the same Orbax checkpoint as the train state
-    last = max(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints"))
-    assert "process_0-of-1.json" in os.listdir(
-        tmp_path / "killed" / "checkpoints" / str(last) / "data"
+
+
+def test_sigterm_and_sigkill_mid_epoch_with_2_workers_resume_exactly_and_leave_nothing(
+    folder, tmp_path, procs
+):
+    # 36 images / batch 8: 4 steps per epoch; checkpoints every 3 steps fall inside epochs
+    # one evaluation, at the end (each one starts the 2 workers again)
+    extra = [
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=3",
+        "--config.data.num_workers=2",
+        "--config.optimizer.lr_decay_epochs=(1,)",
+        "--config.eval_every_epochs=2",
+    ]
+    finish(cli(procs, tmp_path / "ref", folder, *extra))
+    run_dir = tmp_path / "run"
+    first = cli(procs, run_dir, folder, *extra)
+    wait_until(rows_at_least(run_dir, 2), first, 300, "step 2")
+    first.send_signal(signal.SIGTERM)
+    out = finish(first, 60, code=128 + signal.SIGTERM)
+    stopped = re.search(
+        r"stopped by SIGTERM at step (\d+) \(epoch (\d), step (\d) of 4\); "
+        r"checkpoint saved; run the same command to resume\n?$",
+        out,
     )
+    assert stopped and "Traceback" not in out, out
+    step = int(stopped.group(1))
+    saved = run_dir / "checkpoints" / str(step)
+    # the Grain iterator's position is in the same Orbax checkpoint as the train state
+    assert "process_0-of-1.json" in os.listdir(saved / "data")
+
+    second = cli(procs, run_dir, folder, *extra)
+    wait_until(lambda: (run_dir / "checkpoints" / "6").is_dir(), second, 300, "checkpoint 6")
+    family = group_members(second.pid)
+    assert len(family) >= 3, family  # the run, its 2 Grain workers (and the resource tracker)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    left = wait_group_gone(second.pid, 10)
+    assert not left, f"still alive 10 s after SIGKILL of the run: {left}"
+
+    out = finish(cli(procs, run_dir, folder, *extra))
+    assert "resuming" in out and "final test error" in out
+    assert "leaked shared_memory" not in out
+    assert_same_run(tmp_path / "ref", run_dir)
 
 
 def free_port() -> int:
@@ -107,30 +128,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(folder, tmp_path):
-    extra = [
-        "--config.num_epochs=1",
-        "--config.log_every_steps=0",
-        "--config.data.train_size=24",
-    ]  # 3 steps
-    port = free_port()
-    procs = [
-        cli(
-            tmp_path / "two",
-            folder,
-            *extra,
-            "--distributed",
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            devices=1,
-        )
-        for i in range(2)
-    ]
-    single = cli(tmp_path / "one", folder, *extra, devices=1)
-    outs = [finish(p) for p in procs]
-    assert "final test error" in outs[0] and "final test error" not in outs[1]
+def test_two_processes_train_like_one_and_stop_together_on_sigterm(folder, tmp_path, procs):
+    """2 processes with the global batch of 1: the same parameters. SIGTERM to one of them
+    stops both at the same step (JAX's preemption sync point), and the rerun finishes."""
+    # 3 steps per epoch; the data read in-process (Grain's workers are tested above)
+    extra = ["--config.num_epochs=3", "--config.data.train_size=24", "--config.data.num_workers=0"]
+    single = cli(procs, tmp_path / "one", folder, *extra, devices=1)
     finish(single)
+
+    def pair():
+        port = free_port()
+        return [
+            cli(
+                procs,
+                tmp_path / "two",
+                folder,
+                *extra,
+                "--distributed",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                devices=1,
+            )
+            for i in range(2)
+        ]
+
+    first = pair()
+    wait_until(rows_at_least(tmp_path / "two", 2), first[0], 300, "step 2")
+    first[1].send_signal(signal.SIGTERM)
+    outs = [finish(p, 120, code=128 + signal.SIGTERM) for p in first]
+    steps = {re.search(r"stopped by SIGTERM at step (\d+)", out).group(1) for out in outs}
+    assert len(steps) == 1, outs  # the same step on both processes
+    assert (tmp_path / "two" / "checkpoints" / steps.pop()).is_dir()
+    outs = [finish(p) for p in pair()]
+    assert "final test error" in outs[0] and "final test error" not in outs[1]
     shape = (32, 32, 3)
     _, two, _ = runs.load_run_variables(str(tmp_path / "two"), 3, shape)
     _, one, _ = runs.load_run_variables(str(tmp_path / "one"), 3, shape)
@@ -138,10 +169,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(folder, tmp_pat
     flat_one = np.concatenate([np.ravel(a) for a in _leaves(one)])
     assert flat_one.shape == flat_two.shape
     np.testing.assert_allclose(flat_two, flat_one, rtol=2e-4, atol=2e-5)
-    two_rows = read_jsonl(str(tmp_path / "two" / "metrics.jsonl"))
-    one_rows = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
-    assert two_rows[-1]["train/loss"] == pytest.approx(one_rows[-1]["train/loss"], rel=1e-4)
-    assert two_rows[-1]["test/error"] == pytest.approx(one_rows[-1]["test/error"], abs=1e-6)
+    assert_same_run(tmp_path / "one", tmp_path / "two", rel=1e-4)
 
 
 def _leaves(tree):
@@ -150,32 +178,31 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_cli_errors_are_one_clear_line(folder, tmp_path):
-    proc = cli(tmp_path, folder, "--config.data.imag_size=64")
-    out = finish_fail(proc)
-    assert "unknown config key 'data.imag_size'" in out and "Traceback" not in out
-    proc = subprocess.run(
-        [
+def test_cli_errors_are_one_clear_line(folder, tmp_path, procs):
+    def error_of(*args, config="configs/imagenet.py", data_dir=folder):
+        cmd = [
             sys.executable,
             "-m",
             "at_jax.main",
             "--config",
-            "configs/nope.py",
+            config,
             "--workdir",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "cannot load the config file" in proc.stderr and "configs/nope.py" in proc.stderr
-    proc = cli(tmp_path / "x", tmp_path / "nowhere")
-    out = finish_fail(proc)
-    assert "no such directory" in out and "Expected layout" in out and "Traceback" not in out
+            str(tmp_path / "w"),
+            f"--config.data.data_dir={data_dir}",
+            *SMALL,
+            *args,
+        ]
+        out = finish(procs.start(cmd, cwd=REPO), 120, code=1)
+        assert "Traceback" not in out, out
+        return out.strip().splitlines()[-1]
 
-
-def finish_fail(proc):
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out
-    return out
+    assert "unknown config key 'data.imag_size'" in error_of("--config.data.imag_size=64")
+    line = error_of(config="configs/nope.py")
+    assert "cannot load the config file" in line and "configs/nope.py" in line
+    line = error_of(data_dir=tmp_path / "nowhere")
+    assert "no such directory" in line and "Expected layout" in line
+    # every value is checked before anything is built
+    line = error_of("--config.batch_size=0", "--config.data.num_workers=-1")
+    assert "config.batch_size must be an integer >= 1, got 0" in line
+    assert "config.data.num_workers must be an integer >= 0, got -1" in line
+    assert not (tmp_path / "w" / "config.json").exists()

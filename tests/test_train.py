@@ -1,21 +1,23 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from procs import wait_until
 
 from at_jax import runs, step as step_lib, train
 from at_jax.data import load_dataset
 from at_jax.data.batching import array_batches
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh, sharded
+from at_jax.train import position
 from conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +115,15 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(
     assert longer["wall_time_s"] > saved["wall_time_s"] * 0.5
 
 
-def run_cli(workdir, *extra, data_dir):
-    cmd = [
+def cli_command(workdir, *extra, data_dir):
+    """The CLI on the tiny IDX data, with the config file given by its absolute path (the
+    command runs from another directory: configs load from anywhere)."""
+    return [
         sys.executable,
         "-m",
         "at_jax.main",
         "--config",
-        "configs/fashion_mnist.py:student",
+        os.path.join(REPO, "configs", "fashion_mnist.py") + ":student",
         "--workdir",
         str(workdir),
         "--config.model=wrn-tiny",
@@ -131,52 +135,83 @@ def run_cli(workdir, *extra, data_dir):
         "--config.data.augment.crop_pad=1",
         *extra,
     ]
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "XLA_FLAGS": ""},
-    )
 
 
-def test_resume_after_sigkill_mid_epoch_ends_like_an_uninterrupted_run(idx_dir, tmp_path):
-    epochs = [
+def cli_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "XLA_FLAGS": ""}  # the CLI picks one CPU device per core
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def compare_runs(ref_dir, other_dir):
+    """Identical metrics rows and results (the same numbers as an uninterrupted run)."""
+    ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
+    rows = read_jsonl(str(other_dir / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, rows, strict=True):
+        for key in a:
+            if key.startswith(("train/", "test/")) or key == "lr":
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    ref = json.load(open(ref_dir / "results.json"))
+    res = json.load(open(other_dir / "results.json"))
+    for key in ("final_test_error", "final_test_top5_error", "best_test_error"):
+        assert ref[key] == pytest.approx(res[key], abs=1e-4), key
+
+
+def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_uninterrupted_run(
+    idx_dir, tmp_path, procs
+):
+    """In-memory data. SIGTERM mid-epoch: the step in flight ends, a checkpoint is saved, one
+    line says so, exit code 143. The same command resumes; SIGKILL mid-epoch (the newest
+    checkpoint is then older than the last step); the same command again finishes the run with
+    the metrics of an uninterrupted one. Every command runs from a directory outside the
+    repository, with the config given by path."""
+    extra = [
         "--config.num_epochs=3",
         "--config.optimizer.lr_decay_epochs=(2,)",
         "--config.checkpoint_every_steps=3",
+        "--config.log_every_steps=1",
     ]
-    reference = run_cli(tmp_path / "ref", *epochs, data_dir=idx_dir)
-    killed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
-    first_ckpt = tmp_path / "killed" / "checkpoints" / "3"  # 8 steps per epoch: mid-epoch 1
-    deadline = time.time() + 240
-    while not first_ckpt.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "run ended before it could be interrupted"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "results.json").exists()
-    resumed = run_cli(tmp_path / "killed", *epochs, data_dir=idx_dir)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resuming" in out and "from step 3 (epoch 0, step 3 of 8)" in out
-    assert reference.wait(timeout=300) == 0
-    ref_rows = read_jsonl(str(tmp_path / "ref" / "metrics.jsonl"))
-    res_rows = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
-    assert [r["epoch"] for r in res_rows] == [1, 2, 3]
-    for a, b in zip(ref_rows, res_rows, strict=True):
-        for key in ("train/loss", "train/error", "test/error", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
-    ref = json.load(open(tmp_path / "ref" / "results.json"))
-    res = json.load(open(tmp_path / "killed" / "results.json"))
-    assert ref["final_test_error"] == pytest.approx(res["final_test_error"], abs=1e-4)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
+    def run(name):
+        return procs.start(
+            cli_command(tmp_path / name, *extra, data_dir=idx_dir), cwd=elsewhere, env=cli_env()
+        )
 
-def test_cli_rejects_unknown_config_keys(idx_dir, tmp_path):
-    proc = run_cli(tmp_path, "--config.learning_rate=0.1", data_dir=idx_dir)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "learning_rate" in out
+    finish(run("ref"))  # first: the runs below then load its compiled programs
+    rows = tmp_path / "run" / "metrics.jsonl"
+    first = run("run")  # 8 steps per epoch; a metrics row per step
+    wait_until(lambda: len(read_jsonl(str(rows))) >= 2, first, 240, "step 2")
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM, out
+    stopped = re.search(
+        r"stopped by SIGTERM at step (\d+) \(epoch 1, step (\d+) of 8\); "
+        r"checkpoint saved; run the same command to resume",
+        out,
+    )
+    assert stopped and stopped.group(1) == stopped.group(2), out
+    step = int(stopped.group(1))
+    assert 2 <= step < 8 and (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
+    assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM"), out
+    assert "Traceback" not in out
+
+    second = run("run")  # resumes at that step; killed in epoch 2, after checkpoint 12
+    wait_until(
+        lambda: (tmp_path / "run" / "checkpoints" / "12").is_dir(), second, 240, "checkpoint 12"
+    )
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    out = finish(run("run"))
+    assert f"from step 12 ({position(12, 8)})" in out and "epoch 2, step 4 of 8" in out
+    compare_runs(tmp_path / "ref", tmp_path / "run")
 
 
 def make_step(config, data, mesh):

@@ -22,12 +22,16 @@ global batches so that every process runs the same number of steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import gc
 import json
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import grain
 import jax
@@ -38,40 +42,95 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from at_jax.data import sources as sources_lib
 from at_jax.data.batching import eval_batch_size
 from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
-from at_jax.data.transforms import EvalRecord, TrainTransform
+from at_jax.data.transforms import BadImageError, EvalRecord, TrainRecord, decode_image
+from at_jax.data.workers import worker_init
 
-__all__ = ["StreamedData", "DeviceIterator"]
+__all__ = ["StreamedData", "DeviceIterator", "DataReport", "flush_shared_memory"]
+
+
+MIN_SHM_BYTES = 1 << 16
+# Fields of a streamed element that report to the host (read, then dropped): the index of a
+# replaced (skipped) broken image, and whether a bounding box lay outside its image.
+_REPORT = ("skipped_index", "box_outside")
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What the batches handed out so far met: the source indices of broken images that were
+    skipped (``config.data.on_bad_image="skip"``) and the number of bounding boxes that lay
+    outside their image (the whole image was used)."""
+
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    box_outside: int = 0
+
+    def add(self, batch: dict) -> None:
+        self.skipped += [int(i) for i in np.asarray(batch["skipped_index"]).ravel() if i >= 0]
+        self.box_outside += int(np.sum(batch["box_outside"]))
+
+    def __bool__(self) -> bool:
+        return bool(self.skipped or self.box_outside)
+
+
+def flush_shared_memory() -> None:
+    """Let Grain finish unlinking the shared memory of batches that are gone. Grain unlinks in a
+    thread pool that dies with the process; without this, a run's last batches end as
+    "resource_tracker: ... leaked shared_memory objects" warnings at exit. (Grain has no public
+    call for it: without the attribute this does nothing.)"""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    gc.collect()
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(lambda: None)  # one thread, first in first out: earlier unlinks are done
 
 
 class DeviceIterator:
     """Global batches from a Grain iterator, put on the mesh by a background thread.
 
     Checkpointable with Grain's Orbax handler: :meth:`get_state` is the Grain state after the
-    last batch *handed out* (not the ones prefetched), :meth:`set_state` rewinds to it."""
+    last batch *handed out* (not the ones prefetched), :meth:`set_state` rewinds to it. The
+    report fields of the elements (:data:`_REPORT`) stay on the host: :attr:`report` adds up
+    those of the batches handed out. ``keep`` names the fields that become global arrays
+    (default: all the others)."""
 
     _END = object()
 
-    def __init__(self, grain_iterator, sharding: NamedSharding, prefetch: int = 2):
+    def __init__(
+        self,
+        grain_iterator: Any,
+        sharding: NamedSharding,
+        prefetch: int = 2,
+        keep: Optional[tuple[str, ...]] = None,
+    ):
         self._it = grain_iterator
         self._sharding = sharding
         self._prefetch = max(1, int(prefetch))
+        self._keep = keep
         self._state = grain_iterator.get_state()
         self._thread: Optional[threading.Thread] = None
         self._queue: queue.Queue = queue.Queue(self._prefetch)
         self._stop = threading.Event()
+        self.report = DataReport()
 
-    def _to_global(self, batch: dict) -> dict:
+    def _to_global(self, batch: dict) -> tuple[dict, dict]:
         mesh_size = self._sharding.mesh.size
-        out = {}
-        for key, local in batch.items():
-            local = np.asarray(local)
+        out, host = {}, {}
+        for key, value in batch.items():
+            local = np.array(value)  # out of Grain's shared memory, which is then freed
+            if key in _REPORT:
+                host[key] = local
+                continue
+            if self._keep is not None and key not in self._keep:
+                continue
             global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
             if global_shape[0] % mesh_size:
                 raise ValueError(
                     f"a batch of {global_shape[0]} does not split over {mesh_size} devices"
                 )
             out[key] = jax.make_array_from_process_local_data(self._sharding, local, global_shape)
-        return out
+        return out, host
 
     def _fill(self) -> None:
         try:
@@ -79,9 +138,9 @@ class DeviceIterator:
                 try:
                     batch = next(self._it)
                 except StopIteration:
-                    self._queue.put((self._END, None))
+                    self._queue.put((self._END, None, None))
                     return
-                item = (self._to_global(batch), self._it.get_state())
+                item = (*self._to_global(batch), self._it.get_state())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -89,7 +148,7 @@ class DeviceIterator:
                     except queue.Full:
                         continue
         except Exception as e:  # handed to the consumer
-            self._queue.put((e, None))
+            self._queue.put((e, None, None))
 
     def _start(self) -> None:
         if self._thread is None:
@@ -111,13 +170,15 @@ class DeviceIterator:
 
     def __next__(self) -> dict:
         self._start()
-        batch, state = self._queue.get()
+        batch, host, state = self._queue.get()
         if batch is self._END:
-            self._queue.put((self._END, None))
+            self._queue.put((self._END, None, None))
             raise StopIteration
         if isinstance(batch, Exception):
             raise batch
         self._state = state
+        if host:
+            self.report.add(host)
         return batch
 
     # Grain's Orbax CheckpointHandler calls these three.
@@ -137,6 +198,7 @@ class DeviceIterator:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        flush_shared_memory()
 
 
 class StreamedData:
@@ -173,6 +235,9 @@ class StreamedData:
                 f"{processes} processes"
             )
         self.sharding = NamedSharding(mesh, P("data"))
+        self.on_bad_image = str(data.get("on_bad_image", "error"))
+        self.eval_report = DataReport()  # what the last evaluation met
+        self.source_warnings = [w for src in (train, test) for w in getattr(src, "warnings", [])]
 
     def _options(self) -> grain.MultiprocessingOptions:
         # Grain's worker processes read absl flags; a program that never parsed them (a notebook,
@@ -190,10 +255,17 @@ class StreamedData:
         return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
     def worker_iterable(self, ds: grain.MapDataset) -> grain.IterDataset:
-        """``ds`` read by ``read_threads`` threads in each of ``num_workers`` processes."""
+        """``ds`` read by ``read_threads`` threads in each of ``num_workers`` processes (which
+        ignore SIGINT/SIGTERM and exit with this process: :mod:`at_jax.data.workers`)."""
         ds = ds.to_iter_dataset(self._read_options())
+        # Shared memory for the images only: labels, masks and counts (bytes each) are pickled
+        # with the batch instead of costing a shared-memory segment each.
+        ds = grain.experimental.WithOptionsIterDataset(
+            ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
         if int(self.config.data.num_workers):
-            ds = ds.mp_prefetch(self._options())
+            ds = ds.mp_prefetch(
+                self._options(), worker_init_fn=functools.partial(worker_init, os.getpid())
+            )
         return ds
 
     def train_dataset(
@@ -204,21 +276,27 @@ class StreamedData:
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
         per_epoch = self.steps_per_epoch * int(config.batch_size)
-        ds = grain.MapDataset.source(self.train_source).seed(int(config.seed))
+        ds = grain.MapDataset.range(len(self.train_source)).seed(int(config.seed))
         ds = ds.shuffle()[:per_epoch].repeat(int(config.num_epochs))
         ds = ds.random_map(
-            TrainTransform(int(config.data.image_size), bool(config.data.augment.get("flip", True)))
+            TrainRecord(
+                self.train_source,
+                int(config.data.image_size),
+                bool(config.data.augment.get("flip", True)),
+                self.on_bad_image,
+            )
         )
         ds = ds[index::count]
         return ds.batch(int(config.batch_size) // count, drop_remainder=True)
 
     def train_iterator(self) -> DeviceIterator:
-        """Global training batches ``{"image", "label"}`` from step 0 (a checkpoint restore sets
-        the position)."""
+        """Global training batches ``{"image", "label", "skipped_count"}`` from step 0 (a
+        checkpoint restore sets the position); ``.report`` says what was skipped."""
         return DeviceIterator(
             iter(self.worker_iterable(self.train_dataset())),
             self.sharding,
             self.config.data.prefetch,
+            keep=("image", "label", "skipped_count"),
         )
 
     def eval_batch_size(self) -> int:
@@ -227,16 +305,34 @@ class StreamedData:
         return max(step, size - size % step)
 
     def eval_batches(self) -> Iterator[dict]:
-        """Global evaluation batches ``{"image", "label", "mask"}`` over the whole test set."""
+        """Global evaluation batches ``{"image", "label", "mask"}`` over the whole test set (a
+        skipped broken image is masked out: :attr:`eval_report` names it)."""
         size = self.eval_batch_size()
         padded = math.ceil(self.n_test / size) * size
         ds = grain.MapDataset.range(padded).map(
-            EvalRecord(self.test_source, self.config.data.image_size)
+            EvalRecord(self.test_source, self.config.data.image_size, self.on_bad_image)
         )
         ds = ds[jax.process_index() :: jax.process_count()]
         ds = self.worker_iterable(ds.batch(size // jax.process_count()))
-        iterator = DeviceIterator(iter(ds), self.sharding, self.config.data.prefetch)
+        iterator = DeviceIterator(
+            iter(ds), self.sharding, self.config.data.prefetch, keep=("image", "label", "mask")
+        )
         try:
             yield from iterator
         finally:
             iterator.close()
+            self.eval_report = iterator.report
+
+    def describe_skipped(self, indices: list[int], source: Any, limit: int = 10) -> str:
+        """The first ``limit`` skipped files with the decoder's reason, and how many more."""
+        shown = []
+        for index in sorted(set(indices))[:limit]:
+            record = source[index]
+            try:
+                decode_image(record["image"])
+                reason = "unreadable"
+            except BadImageError as e:
+                reason = e.reason
+            shown.append(f"{record['image']} ({reason})")
+        more = len(set(indices)) - len(shown)
+        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")

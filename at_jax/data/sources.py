@@ -55,11 +55,13 @@ class DataLayoutError(FileNotFoundError):
 
 
 class RecordSource:
-    """A list of records as a Grain random-access source."""
+    """A list of records as a Grain random-access source; ``warnings`` lists what looked wrong
+    on disk but did not stop the run (empty class folders), for the run to print."""
 
-    def __init__(self, records: Sequence[dict], description: str):
+    def __init__(self, records: Sequence[dict], description: str, warnings: Sequence[str] = ()):
         self.records = list(records)
         self.description = description
+        self.warnings = list(warnings)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -102,15 +104,26 @@ def class_folder(
     if unknown:
         raise _layout_error(name, root, f"classes {unknown[:5]} are not in train/")
     index = {c: i for i, c in enumerate(classes)}
-    records = [
-        {"image": os.path.join(root, c, f), "label": index[c]}
-        for c in names
-        for f in sorted(os.listdir(os.path.join(root, c)))
-        if _is_image(f)
-    ]
+    records, empty = [], []
+    for c in names:
+        found = [
+            {"image": os.path.join(root, c, f), "label": index[c]}
+            for f in sorted(os.listdir(os.path.join(root, c)))
+            if _is_image(f)
+        ]
+        records += found
+        if not found:
+            empty.append(c)
     if not records:
         raise _layout_error(name, root, "no images (.JPEG, .jpg, .png)")
-    return RecordSource(records, f"{name}:{root}"), classes
+    warnings = []
+    if empty:
+        warnings.append(
+            f"{len(empty)} class folder(s) in {root} hold no image (.JPEG, .jpg, .png): "
+            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}; they stay classes "
+            "(the class indices do not shift), with no examples"
+        )
+    return RecordSource(records, f"{name}:{root}", warnings), classes
 
 
 def image_folder(data_dir: str) -> tuple[RecordSource, RecordSource, list[str]]:

@@ -12,23 +12,76 @@ A record is ``{"image": path | encoded bytes | uint8 array (H, W, 3), "label": i
   ``S·256/224`` + random S×S crop + flip, eval = the same resize + central crop.
 
 JPEGs are decoded at a reduced DCT scale (PIL's ``draft``) whenever the region used still has at
-least the output's resolution: the same crop, decoded 2–8× faster on large images.
+least the output's resolution: the same crop, decoded 2–8× faster on large images. 16-bit images
+(PIL modes ``I;16``, ``I;16B``, ``I``) are scaled to 8 bits (65535 -> 255), not clipped.
+
+Broken files (truncated, empty, not an image) raise :class:`BadImageError`, which names the file
+and the decoder's reason. With ``on_bad_image="skip"`` the index-based records
+(:class:`TrainRecord`, :class:`EvalRecord`) replace a training example by another one drawn from
+the example's own random stream (so reruns and resumed runs see the same batches) and mask a test
+example out; each output reports what it skipped (``skipped_count``, ``skipped_index``) and
+whether its bounding box lay outside the image (``box_outside``), for the main process to count
+and name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["TrainTransform", "EvalTransform", "EvalRecord", "open_image", "random_resized_crop_box"]
+__all__ = [
+    "TrainRecord",
+    "EvalRecord",
+    "TrainTransform",
+    "EvalTransform",
+    "BadImageError",
+    "decode_image",
+    "open_image",
+    "random_resized_crop_box",
+    "ON_BAD_IMAGE",
+]
+
+ON_BAD_IMAGE = ("error", "skip")
+# replacements tried for one training example before giving up (each one another random record)
+MAX_REPLACEMENTS = 16
 
 RESIZE_RATIO = 256 / 224
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded: ``path`` (or a description of the record) and the
+    decoder's ``reason``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"cannot decode {self.path}: {self.reason}"
+
+
+def _name(image: Any) -> str:
+    return image if isinstance(image, str) else f"an in-memory {type(image).__name__} image"
+
+
+@contextlib.contextmanager
+def _decoding(image: Any) -> Iterator[None]:
+    """Turn any failure of the decoder into a :class:`BadImageError` naming ``image``."""
+    try:
+        yield
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise BadImageError(_name(image), reason) from None
 
 
 def open_image(image: Any) -> Image.Image:
@@ -37,9 +90,33 @@ def open_image(image: Any) -> Image.Image:
         if image.ndim == 2 or image.shape[-1] == 1:
             image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
         return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image))
-    return Image.open(image)
+    with _decoding(image):
+        if isinstance(image, (bytes, bytearray)):
+            return Image.open(io.BytesIO(image))
+        return Image.open(image)
+
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB; 16-bit grey levels are scaled (65535 -> 255), not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        levels = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(image: Any) -> np.ndarray:
+    """Fully decode ``image`` (a path, encoded bytes or an array) to uint8 RGB (H, W, 3), as the
+    pipeline would; raises :class:`BadImageError` with the reason. What
+    ``python -m at_jax.data.verify`` runs on every file."""
+    img = open_image(image)
+    with _decoding(image):
+        return np.asarray(_rgb(img), dtype=np.uint8)
 
 
 def random_resized_crop_box(
@@ -76,15 +153,15 @@ def _decode_region(
         factor = min((x1 - x0) / out_w, (y1 - y0) / out_h)
         if factor >= 2:
             img.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = _rgb(img)
     sx, sy = img.size[0] / width, img.size[1] / height
     return img, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
 
-def _resized(img: Image.Image, box, size: tuple[int, int]) -> Image.Image:
-    img, box = _decode_region(img, box, *size)
-    return img.resize(size, Image.Resampling.BILINEAR, box=box)
+def _resized(img: Image.Image, box, size: tuple[int, int], image: Any) -> Image.Image:
+    with _decoding(image):
+        img, box = _decode_region(img, box, *size)
+        return img.resize(size, Image.Resampling.BILINEAR, box=box)
 
 
 def _short_side_box(box, short: float, size: int, rng: Optional[np.random.Generator]):
@@ -103,6 +180,8 @@ def _short_side_box(box, short: float, size: int, rng: Optional[np.random.Genera
 
 
 def _bbox(record, width: int, height: int):
+    """The record's bounding box clipped to the image, or None (no box, or one that lies wholly
+    outside the image: the whole image is used then, and the output says so)."""
     box = record.get("bbox")
     if box is None:
         return None
@@ -114,8 +193,13 @@ def _bbox(record, width: int, height: int):
     return (x0, y0, x1, y1)
 
 
-def _output(img: Image.Image, label) -> dict:
-    return {"image": np.asarray(img, dtype=np.uint8), "label": np.int32(label)}
+def _output(img: Image.Image, record: dict, bbox: Any) -> dict:
+    outside = record.get("bbox") is not None and bbox is None
+    return {
+        "image": np.asarray(img, dtype=np.uint8),
+        "label": np.int32(record["label"]),
+        "box_outside": np.int32(outside),
+    }
 
 
 class TrainTransform:
@@ -134,10 +218,10 @@ class TrainTransform:
         else:
             x, y, w, h = random_resized_crop_box(width, height, rng)
             box = (x, y, x + w, y + h)
-        img = _resized(img, box, (self.size, self.size))
+        img = _resized(img, box, (self.size, self.size), record["image"])
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _output(img, record["label"])
+        return _output(img, record, bbox)
 
 
 class EvalTransform:
@@ -150,27 +234,79 @@ class EvalTransform:
     def __call__(self, record: dict) -> dict:
         img = open_image(record["image"])
         width, height = img.size
-        box = _bbox(record, width, height) or (0.0, 0.0, float(width), float(height))
+        bbox = _bbox(record, width, height)
+        box = bbox or (0.0, 0.0, float(width), float(height))
         box = _short_side_box(box, self.size * RESIZE_RATIO, self.size, None)
-        return _output(_resized(img, box, (self.size, self.size)), record["label"])
+        return _output(_resized(img, box, (self.size, self.size), record["image"]), record, bbox)
+
+
+def _check_policy(on_bad_image: str) -> str:
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(
+            f"config.data.on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}"
+        )
+    return on_bad_image
+
+
+class TrainRecord:
+    """Grain ``random_map`` over record indices: index -> the training view of that record.
+
+    ``on_bad_image="error"``: a broken image raises :class:`BadImageError`. ``"skip"``: it is
+    replaced by another record drawn from the example's own random stream (deterministic:
+    reruns and resumed runs see the same batches); ``skipped_count`` and ``skipped_index`` (the
+    first replaced index, or -1) report it."""
+
+    def __init__(self, source: Any, size: int, flip: bool = True, on_bad_image: str = "error"):
+        self.source = source
+        self.transform = TrainTransform(size, flip)
+        self.on_bad_image = _check_policy(on_bad_image)
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict:
+        skipped: list[int] = []
+        index = int(index)
+        while True:
+            try:
+                out = self.transform(self.source[index], rng)
+                break
+            except BadImageError:
+                if self.on_bad_image != "skip" or len(skipped) >= MAX_REPLACEMENTS:
+                    raise
+                skipped.append(index)
+                index = int(rng.integers(len(self.source)))
+        out["skipped_count"] = np.int32(len(skipped))
+        out["skipped_index"] = np.int64(skipped[0] if skipped else -1)
+        return out
 
 
 class EvalRecord:
-    """Index -> the eval view of test record ``index``, or a masked blank past the end."""
+    """Index -> the eval view of test record ``index``, or a masked blank past the end (and, with
+    ``on_bad_image="skip"``, in place of a broken image: reported in ``skipped_count`` and
+    ``skipped_index``)."""
 
-    def __init__(self, source, size: int):
+    def __init__(self, source: Any, size: int, on_bad_image: str = "error"):
         self.source, self.size = source, int(size)
         self.transform = EvalTransform(size)
+        self.on_bad_image = _check_policy(on_bad_image)
+
+    def _blank(self, skipped_index: int = -1) -> dict:
+        return {
+            "image": np.zeros((self.size, self.size, 3), np.uint8),
+            "label": np.int32(0),
+            "box_outside": np.int32(0),
+            "mask": np.float32(0),
+            "skipped_count": np.int32(skipped_index >= 0),
+            "skipped_index": np.int64(skipped_index),
+        }
 
     def __call__(self, index: int) -> dict:
         index = int(index)
-        if index < len(self.source):
+        if index >= len(self.source):
+            return self._blank()
+        try:
             out = self.transform(self.source[index])
-            out["mask"] = np.float32(1)
-        else:
-            out = {
-                "image": np.zeros((self.size, self.size, 3), np.uint8),
-                "label": np.int32(0),
-                "mask": np.float32(0),
-            }
+        except BadImageError:
+            if self.on_bad_image != "skip":
+                raise
+            return self._blank(index)
+        out.update(mask=np.float32(1), skipped_count=np.int32(0), skipped_index=np.int64(-1))
         return out
