@@ -261,7 +261,8 @@ class StreamedData:
         # Shared memory for the images only: labels, masks and counts (bytes each) are pickled
         # with the batch instead of costing a shared-memory segment each.
         ds = grain.experimental.WithOptionsIterDataset(
-            ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
+            ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
+        )
         if int(self.config.data.num_workers):
             ds = ds.mp_prefetch(
                 self._options(), worker_init_fn=functools.partial(worker_init, os.getpid())
