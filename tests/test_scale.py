@@ -5,6 +5,7 @@ processes making one run (and stopping together), and the CLI's one-line errors.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -206,3 +207,10 @@ def test_cli_errors_are_one_clear_line(folder, tmp_path, procs):
     assert "config.batch_size must be an integer >= 1, got 0" in line
     assert "config.data.num_workers must be an integer >= 0, got -1" in line
     assert not (tmp_path / "w" / "config.json").exists()
+    # a broken image in the middle of training: the error is the last line, after the bar
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    victim = sorted((broken / "train" / "dog").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    line = error_of("--config.num_epochs=1", "--config.data.num_workers=0", data_dir=broken)
+    assert line.startswith(f"error: cannot decode {victim}") and "on_bad_image=skip" in line
