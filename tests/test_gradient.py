@@ -84,10 +84,11 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
             gradient.input_gradient(out.student_fn, x, y), direct, rtol=1e-10
         )
 
+        @jax.jit  # one program each, not thousands of op-by-op dispatches
         def loss(p):
             return loss_of(outputs_for(student, p, teacher, t_vars, x, y))[0]
 
-        grads = jax.grad(loss)(params)
+        grads = jax.jit(jax.grad(loss))(params)
         direction = jax.tree.map(
             lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype), params
         )
@@ -101,8 +102,8 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
         assert analytic.dtype == jnp.float64
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
         # the second-order part is real: without differentiating through J the gradient differs
-        detached = jax.grad(
-            lambda p: loss_of(outputs_for(student, p, teacher, t_vars, x, y))[1]["ce"]
+        detached = jax.jit(
+            jax.grad(lambda p: loss_of(outputs_for(student, p, teacher, t_vars, x, y))[1]["ce"])
         )(params)
         assert not np.allclose(jax.tree.leaves(detached)[0], jax.tree.leaves(grads)[0])
 
@@ -169,10 +170,15 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
             **{"gradient.bn_mode": mode, "model_overrides.dropout_rate": 0.0},
         )
         st = step_lib.Step(config, 10, (16, 16, 1), (0.5,), (0.25,), 8)
-        state = st.init_single(st.seed_keys()[0])
-        state = state.replace(batch_stats=jax.tree.map(lambda a: a + 0.5, state.batch_stats))
-        out, _ = st._outputs(state.params, state.batch_stats, {}, x, y, 0, jax.random.key(1))
-        grads[mode] = gradient.input_gradient(out.student_fn, x, y)
+        state = jax.jit(st.init_single)(st.seed_keys()[0])
+        stats = jax.tree.map(lambda a: a + 0.5, state.batch_stats)
+
+        @jax.jit
+        def input_grad(params, stats, st=st):
+            out, _ = st._outputs(params, stats, {}, x, y, 0, jax.random.key(1))
+            return gradient.input_gradient(out.student_fn, x, y)
+
+        grads[mode] = input_grad(state.params, stats)
     assert not np.allclose(grads["batch_stats"], grads["frozen"])
     with pytest.raises(ValueError, match="bn_mode must be one of"):
         step_lib.Step(
@@ -185,27 +191,26 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
         )
 
 
-def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, tmp_path):
+def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, teacher_dir, tmp_path):
+    """The CLI's objective with every kind of term: CE, KD, AT and the input-gradient terms
+    (through batch norm, bn_mode "batch_stats"), trained end to end from the shared teacher."""
     from at_jax import train
     from at_jax.metrics import read_jsonl
-    from configs import table3
 
-    teacher = table3.get_config("teacher,fashion_mnist")
-    student = table3.get_config("grad_at,fashion_mnist")
-    student.loss.at.weight = 10.0  # β=1e3 diverges on this 16×16 toy without BN
-    student.loss.kd.weight = 0.5
-    student.loss.symmetry.weight = 0.5
-    t_cfg = tiny_config(idx_dir, num_epochs=1)
-    for config in (teacher, student):
-        for key in ("data", "batch_size", "eval_batch_size"):
-            config[key] = t_cfg[key]
-        config.data.augment.crop_pad = 0
-        config.optimizer.lr = 0.02
-    teacher.num_epochs = 1
-    student.num_epochs = 4
-    train.train_and_evaluate(teacher, str(tmp_path / "t"), progress=False)
-    student.teacher.workdir = str(tmp_path / "t")
-    results = train.train_and_evaluate(student, str(tmp_path / "s"), progress=False)
+    config = tiny_config(
+        idx_dir,
+        "student",
+        num_epochs=3,
+        **{
+            "loss.grad_at.weight": 1.0,
+            "loss.symmetry.weight": 0.5,
+            "loss.at.weight": 10.0,
+            "loss.kd.weight": 0.5,
+            "data.augment.crop_pad": 0,
+        },
+    )
+    config.teacher.workdir = str(teacher_dir)
+    results = train.train_and_evaluate(config, str(tmp_path / "s"), progress=False)
     assert results["loss_terms"] == ["at", "ce", "grad_at", "kd", "symmetry"]
     rows = read_jsonl(str(tmp_path / "s" / "metrics.jsonl"))
     assert all(r["train/grad_at"] > 0 and r["train/symmetry"] > 0 for r in rows)

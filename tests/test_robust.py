@@ -114,11 +114,12 @@ def test_on_bad_image_skip_is_deterministic_counted_and_resumes_exactly(
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
+    handler = signal.getsignal(signal.SIGINT)
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(train.Stopped) as stopped:
         train.train_and_evaluate(config, str(tmp_path / "b"), progress=False)
     assert stopped.value.exit_code == 130 and "stopped by SIGINT at step" in str(stopped.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
     again = train.train_and_evaluate(config, str(tmp_path / "b"), progress=False)
     # the same replacements and batches: identical metrics (workers or not, interrupted or not)
     a_rows = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
