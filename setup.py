@@ -26,6 +26,9 @@ setup(
         "viz": ["matplotlib>=3.7"],
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
+            "pytest-timeout>=2.2",
+            "filelock>=3.12",
             "tensorflow-datasets>=4.9.4",
             "matplotlib>=3.7",
             # lint, format, types and layers: pinned, so that CI checks what developers check

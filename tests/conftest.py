@@ -60,10 +60,27 @@ def make_idx_dataset(directory, n_train=256, n_test=128, size=16, gz=True, seed=
     return directory
 
 
+def shared(tmp_path_factory, name, build):
+    """``DIR/name`` built once by ``build(path)`` for the whole run: with pytest-xdist, the
+    first worker builds it (under a file lock) and the others use it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # common to every worker of this run
+    path = base / f"shared-{name}"
+    with FileLock(str(path) + ".lock"):
+        if not (path / ".done").exists():
+            path.mkdir(exist_ok=True)
+            build(path)
+            (path / ".done").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory):
     """A tiny Fashion-MNIST-format dataset (16×16 grey, 256 train / 128 test)."""
-    return make_idx_dataset(tmp_path_factory.mktemp("idx"))
+    return shared(tmp_path_factory, "idx", make_idx_dataset)
 
 
 @pytest.fixture
@@ -85,13 +102,11 @@ def teacher_dir(idx_dir, tmp_path_factory):
     need a trained run (copy it before changing it)."""
     from at_jax import train
 
-    workdir = tmp_path_factory.mktemp("teacher")
-    train.train_and_evaluate(
-        tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5),
-        str(workdir),
-        progress=False,
-    )
-    return workdir
+    def build(workdir):
+        config = tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5)
+        train.train_and_evaluate(config, str(workdir), progress=False)
+
+    return shared(tmp_path_factory, "teacher", build)
 
 
 @pytest.fixture(scope="session")

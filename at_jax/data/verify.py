@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from at_jax.data.sources import LAYOUTS, open_source
 from at_jax.data.transforms import BadImageError, decode_image
-from at_jax.data.workers import worker_init
+from at_jax.data.workers import pool_worker_init
 
 __all__ = ["verify", "check_record", "main"]
 
@@ -58,7 +58,7 @@ def verify(
     pool = None
     if workers > 0:
         pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=worker_init, initargs=(os.getpid(),)
+            workers, initializer=pool_worker_init, initargs=(os.getpid(),)
         )
         results: Any = pool.imap(check_record, records, chunksize=16)
     else:
@@ -70,10 +70,12 @@ def verify(
             if box_outside:
                 outside.append(path)
             bar.update(1)
+        if pool is not None:
+            pool.close()  # every record is checked: let the workers finish
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # (after close: a no-op; on Ctrl-C or an error: stop them)
             pool.join()
     return {
         "checked": len(records),

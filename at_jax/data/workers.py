@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 
-__all__ = ["worker_init", "watch_parent"]
+__all__ = ["worker_init", "pool_worker_init", "watch_parent"]
 
 POLL_S = 0.5
 
@@ -45,4 +45,11 @@ def worker_init(parent_pid: int, worker_index: int = 0, worker_count: int = 1) -
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    watch_parent(parent_pid)
+
+
+def pool_worker_init(parent_pid: int) -> None:
+    """``multiprocessing.Pool`` initializer: ignore SIGINT (Ctrl-C is the main process's) and
+    exit with the parent. SIGTERM stays deadly: ``Pool.terminate`` ends workers with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent(parent_pid)
