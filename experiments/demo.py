@@ -1,36 +1,40 @@
 """`make demo`: a real attention-transfer experiment on Fashion-MNIST on a small machine.
 
-Trains a WRN-16-2 teacher, then WRN-16-1 students alone, with AT, with KD and with AT+KD, three
-seeds each in one program (a short schedule on a subset, so that it ends within ~15 minutes on 2
-CPU cores), prints their median test errors, the spread over seeds and the attention distances
-to the teacher side by side, and writes an attention-map figure (seed 0 of each student).
-Rerunning resumes unfinished runs and reuses finished ones.
+Trains a WRN-16-2 teacher, then WRN-16-1 students alone, with AT, with KD and with AT+KD, several
+seeds each in one program, prints their test errors (median and spread over seeds) and attention
+distances to the teacher, and says which differences from the student trained alone are clear:
+seed s of every student starts from the same initialisation and sees the same batches, so the
+methods are compared seed by seed (paired differences, a paired t-test over the seeds). Writes
+an attention-map figure (seed 0 of each student) and summary.json. Rerunning resumes unfinished
+runs and reuses finished ones.
 
     python -m experiments.demo --workdir runs/demo [--data_dir /usr/share/datasets/fashion-mnist]
 """
 
 import os
+import sys
 import time
 
 import numpy as np
 from absl import app, flags, logging
+from scipy import stats
 
 from at_jax import devices, recipes, runs as run_lib, train
 from at_jax.analysis import attention_distance
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import load_dataset
 from at_jax.figures import attention_figure
-from at_jax.metrics import write_json_atomic
+from at_jax.metrics import read_jsonl, write_json_atomic
 from configs import fashion_mnist
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the runs, table and figure go.")
 flags.DEFINE_string("data_dir", "", "Folder with the Fashion-MNIST IDX files (default: Debian's).")
-flags.DEFINE_integer("train_size", 6000, "Training examples used (a prefix of the 60k).")
+flags.DEFINE_integer("train_size", 5000, "Training examples used (a prefix of the 60k).")
 flags.DEFINE_integer("test_size", 2000, "Test examples used.")
-flags.DEFINE_integer("teacher_epochs", 4, "Teacher epochs.")
+flags.DEFINE_integer("teacher_epochs", 3, "Teacher epochs.")
 flags.DEFINE_integer("student_epochs", 2, "Epochs per student.")
-flags.DEFINE_integer("seeds", 3, "Seeds per student, trained together in one program.")
+flags.DEFINE_integer("seeds", 4, "Seeds per student, trained together in one program.")
 flags.DEFINE_string(
     "compilation_cache_dir",
     default_cache_dir(),
@@ -44,6 +48,7 @@ STUDENTS = (
     ("kd", "WRN-16-1 + KD"),
     ("at_kd", "WRN-16-1 + AT + KD"),
 )
+ALPHA = 0.05  # the paired t-test's level (two-sided)
 
 
 def demo_config(method: str, epochs: int, teacher_dir: str, seeds: int = 1):
@@ -65,27 +70,80 @@ def demo_config(method: str, epochs: int, teacher_dir: str, seeds: int = 1):
     return config
 
 
-def print_table(rows, n_train, n_test, seeds):
-    print(
-        f"\nFashion-MNIST, {n_train} training images; test error (%) on {n_test} test images "
-        f"(students: median of {seeds} seeds, min–max) and attention distance to the teacher "
-        "(mean over groups and test images; 0 = same maps)"
+def per_seed(results: dict, workdir: str) -> dict[str, np.ndarray]:
+    """A run's final test error and attention distance, one value per seed."""
+    errors = results.get("final_test_error_per_seed", [results["final_test_error"]])
+    last = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "test/error" in r][-1]
+    distance = last.get(
+        "test/attention_distance_per_seed",
+        [last["test/attention_distance"]] if "test/attention_distance" in last else [],
     )
-    print(f"{'run':<22}{'final':>7}{'min–max':>15}{'AT dist':>9}{'minutes':>9}")
-    for label, r in rows:
-        dist = r.get("final_attention_distance", {}).get("mean")
-        dist = f"{dist:>9.3f}" if dist is not None else f"{'-':>9}"
-        per_seed = r.get("final_test_error_per_seed", [r["final_test_error"]])
-        spread = f"{min(per_seed):.2f}–{max(per_seed):.2f}" if len(per_seed) > 1 else "-"
-        print(
-            f"{label:<22}{r['final_test_error']:>7.2f}{spread:>15}{dist}"
-            f"{r['wall_time_s'] / 60:>9.1f}"
-        )
-    err = rows[1][1]["final_test_error"] / 100
+    return {"error": np.asarray(errors, float), "distance": np.asarray(distance, float)}
+
+
+def paired(values: np.ndarray, baseline: np.ndarray) -> dict:
+    """The per-seed differences ``values − baseline``, their mean and range, and whether a
+    paired t-test over the seeds rejects "no difference" at level :data:`ALPHA`."""
+    diff = values - baseline
+    p = (
+        float(stats.ttest_rel(values, baseline).pvalue)
+        if len(diff) > 1 and diff.std() > 0
+        else (0.0 if len(diff) > 1 and diff.mean() != 0 else 1.0)
+    )
+    return {
+        "mean": float(diff.mean()),
+        "min": float(diff.min()),
+        "max": float(diff.max()),
+        "p": p,
+        "clear": p < ALPHA,
+    }
+
+
+def spread(values: np.ndarray, fmt: str) -> str:
+    median = format(float(np.median(values)), fmt)
+    if len(values) < 2:
+        return median
+    return f"{median} ({format(values.min(), fmt)}–{format(values.max(), fmt)})"
+
+
+def verdict(d: dict, fmt: str, lower: str, higher: str) -> str:
+    sign = lower if d["mean"] < 0 else higher
+    word = f"clearly {sign}" if d["clear"] else "not clear"
+    return (
+        f"{format(d['mean'], '+' + fmt)} [{format(d['min'], '+' + fmt)}, "
+        f"{format(d['max'], '+' + fmt)}] {word}"
+    )
+
+
+def print_table(rows: list, n_train: int, n_test: int, seeds: int) -> None:
     print(
-        f"(the binomial standard error of one test error near {100 * err:.0f}% on {n_test} "
-        f"images is ±{100 * np.sqrt(err * (1 - err) / n_test):.1f} points; the spread over "
-        "seeds shows the training noise)"
+        f"\nFashion-MNIST, {n_train:,} training images, test error on {n_test:,} test images. "
+        f"Students: {seeds} seeds each; seed s of every student starts from the same weights "
+        "and sees the same batches.\nAttention distance: how far the student's normalised "
+        "attention maps are from the teacher's (mean over groups and test images; 0 = the "
+        "same maps).\n"
+    )
+    head = (
+        f"{'run':<20}{'test error % (median, min–max)':<33}{'attention distance':<23}"
+        "vs alone, seed by seed: mean [min, max] of the differences"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, r in rows:
+        error = spread(r["seeds"]["error"], ".2f")
+        distance = spread(r["seeds"]["distance"], ".3f") if len(r["seeds"]["distance"]) else "–"
+        line = f"{label:<20}{error:<33}{distance:<23}"
+        if "vs_alone" in r:
+            v = r["vs_alone"]
+            line += (
+                f"error {verdict(v['error'], '.2f', 'lower', 'higher')}; distance "
+                f"{verdict(v['distance'], '.3f', 'closer', 'farther')}"
+            )
+        print(line)
+    print(
+        f"\n'clearly': a paired t-test over the {seeds} seeds rejects 'no difference' at the "
+        f"{ALPHA:.0%} level (two-sided); 'not clear': the difference is within what the seeds "
+        "spread, on this short schedule."
     )
 
 
@@ -103,14 +161,18 @@ def main(argv):
         for m, label in STUDENTS
     ]
     results = {}
-    for i, (method, label, workdir, epochs, seeds) in enumerate(runs, 1):
-        print(
-            f"\n== [{i}/{len(runs)}] {label} ({epochs} epochs, {seeds} seed(s)) -> {workdir}",
-            flush=True,
-        )
-        results[label] = train.train_and_evaluate(
-            demo_config(method, epochs, teacher_dir, seeds), workdir
-        )
+    try:
+        for i, (method, label, workdir, epochs, seeds) in enumerate(runs, 1):
+            print(
+                f"\n== [{i}/{len(runs)}] {label} ({epochs} epochs, {seeds} seed(s)) -> {workdir}",
+                flush=True,
+            )
+            results[label] = train.train_and_evaluate(
+                demo_config(method, epochs, teacher_dir, seeds), workdir
+            )
+    except train.Stopped as e:  # SIGTERM/SIGINT: the run in progress saved a checkpoint
+        print(f"{e} (the demo resumes there)", file=sys.stderr)
+        sys.exit(e.exit_code)
 
     data = load_dataset(
         "fashion_mnist",
@@ -118,35 +180,47 @@ def main(argv):
         train_size=BATCH,
         test_size=FLAGS.test_size,
     )
-    models = {
-        label: run_lib.load_run_variables(workdir, data.num_classes, data.image_shape)[:2]
-        for _, label, workdir, _, _ in runs
+    teacher = run_lib.load_teacher(teacher_dir)
+    rows = []
+    for _, label, workdir, _, seeds in runs:
+        row = dict(results[label])
+        row["seeds"] = per_seed(row, workdir)
+        if label != runs[0][1] and not len(row["seeds"]["distance"]):  # trained without teacher
+            row["seeds"]["distance"] = np.asarray(
+                [
+                    attention_distance(
+                        run_lib.load_run_variables(
+                            workdir, data.num_classes, data.image_shape, seed_index=s
+                        )[:2],
+                        teacher,
+                        data.test_images,
+                        preprocess=teacher.preprocess,
+                    )["mean"]
+                    for s in range(seeds)
+                ]
+            )
+        rows.append((label, row))
+    alone = rows[1][1]["seeds"]
+    for _, row in rows[2:]:
+        row["vs_alone"] = {k: paired(row["seeds"][k], alone[k]) for k in ("error", "distance")}
+    print_table(rows, FLAGS.train_size, len(data.test_labels), FLAGS.seeds)
+    summary = {
+        label: {
+            **{k: v for k, v in row.items() if k != "seeds"},
+            "per_seed": {k: v.tolist() for k, v in row["seeds"].items()},
+        }
+        for label, row in rows
     }
-    teacher = models[runs[0][1]]
-    for _, label, workdir, _, seeds in runs[1:]:
-        if "final_attention_distance" not in results[label]:  # trained without a teacher
-            per_seed = [
-                attention_distance(
-                    run_lib.load_run_variables(
-                        workdir, data.num_classes, data.image_shape, seed_index=s
-                    )[:2],
-                    teacher,
-                    data.test_images,
-                    data.mean,
-                    data.std,
-                )["mean"]
-                for s in range(seeds)
-            ]
-            results[label]["final_attention_distance"] = {"mean": float(np.median(per_seed))}
-    print_table(list(results.items()), FLAGS.train_size, len(data.test_labels), FLAGS.seeds)
-    write_json_atomic(os.path.join(root, "summary.json"), results)
+    write_json_atomic(os.path.join(root, "summary.json"), summary)
+
+    def student(index: int):
+        return run_lib.load_run_variables(runs[index][2], data.num_classes, data.image_shape)[:2]
 
     figure = attention_figure(
         os.path.join(root, "attention_maps.png"),
         data.test_images[:4],
-        {"teacher": teacher, "student": models[runs[1][1]], "student+AT": models[runs[2][1]]},
-        data.mean,
-        data.std,
+        {"teacher": teacher, "student": student(1), "student+AT": student(2)},
+        preprocess=teacher.preprocess,
     )
     print(
         f"\nmetrics and checkpoints: {root}/*/ (metrics.jsonl, tensorboard/, checkpoints/, "

@@ -140,6 +140,11 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", "", "config.data.data_dir for every run.")
     flags.DEFINE_string("student_model", "", "Replace every student model (quick checks).")
     flags.DEFINE_string("teacher_model", "", "Replace every teacher model (quick checks).")
+    flags.DEFINE_enum(
+        "seed_strategy", "auto", ["auto", "vmap", "unroll"],
+        "How a run's seeds share its program (config.seed_strategy; auto: unrolled on CPU, "
+        "vmap elsewhere).",
+    )
     flags.DEFINE_string(
         "compilation_cache_dir",
         default_cache_dir(),
@@ -157,6 +162,7 @@ def _shorten(config, epochs: int, options: dict) -> None:
         if options.get(key):
             config.data[key] = options[key]
     config.num_seeds = options["seeds"]
+    config.seed_strategy = options.get("seed_strategy") or "auto"
 
 
 def plan(table: int, dataset: str, root: str, options: dict, pairs=None) -> list[dict]:
@@ -390,6 +396,7 @@ def main(argv):
             "data_dir",
             "student_model",
             "teacher_model",
+            "seed_strategy",
         )
     }
     os.makedirs(FLAGS.root, exist_ok=True)

@@ -8,6 +8,11 @@ import tempfile
 TEST_DEVICES = 2
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={TEST_DEVICES}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are small and many: compiling them is most of the suite's time, running
+# them little. XLA's cheaper compilation (fewer optimisation passes) is worth it here; every
+# test and its subprocesses use it alike, so results compared with each other are computed
+# the same way. (The library, the CLI and the demo compile with full optimisation.)
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # One persistent compilation cache for the whole run, its subprocesses included (they find it
 # through XDG_CACHE_HOME, the default of config.compilation_cache_dir): a program that several
 # tests compile is compiled once. Fresh for every run and removed after it, unless

@@ -10,7 +10,7 @@ from at_jax.data import bench as data_bench
 from conftest import make_image_folder
 
 
-@pytest.mark.parametrize("method,seeds", [("at", 2)])
+@pytest.mark.parametrize("method,seeds", [("at", 1)])
 def test_bench_reports_the_contract_fields(method, seeds):
     result = bench.run(
         method,
