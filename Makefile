@@ -21,9 +21,14 @@ SOURCES := at_jax configs experiments tests examples docs/conf.py
 # are then skipped.
 TORCH ?= torch==2.13.0
 
-$(VENV)/.installed: setup.py
+# What the demo needs (the package and matplotlib); the tests and checks add the dev extras.
+$(VENV)/.base: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[viz]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -43,7 +48,7 @@ $(FMNIST):
 data: $(FMNIST)
 
 test: lint $(VENV)/.torch $(FMNIST)
-	AT_JAX_REQUIRE_TORCH=$(if $(TORCH),1,) $(PY) -m pytest -q tests
+	AT_JAX_REQUIRE_TORCH=$(if $(TORCH),1,) $(PY) -m pytest -q -n auto --dist worksteal tests
 
 # ruff (lint and format), mypy, and the import layers of pyproject.toml (import-linter)
 lint: $(VENV)/.installed
@@ -60,10 +65,10 @@ fmt: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
-demo: $(VENV)/.installed $(FMNIST)
+demo: $(VENV)/.base $(FMNIST)
 	$(PY) -m experiments.demo --workdir $(WORKDIR) --data_dir $(FMNIST_DIR)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.base
 	$(PY) -m at_jax.bench --student wrn-16-1 --teacher wrn-16-2 --method at --batch 128 --steps 50
 
 clean:

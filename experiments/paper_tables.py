@@ -141,7 +141,9 @@ def define_flags() -> None:
     flags.DEFINE_string("student_model", "", "Replace every student model (quick checks).")
     flags.DEFINE_string("teacher_model", "", "Replace every teacher model (quick checks).")
     flags.DEFINE_enum(
-        "seed_strategy", "auto", ["auto", "vmap", "unroll"],
+        "seed_strategy",
+        "auto",
+        ["auto", "vmap", "unroll"],
         "How a run's seeds share its program (config.seed_strategy; auto: unrolled on CPU, "
         "vmap elsewhere).",
     )

@@ -16,7 +16,7 @@ def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir
         "data_dir": str(idx_dir),
         "student_model": "wrn-tiny",
         "teacher_model": "wrn-tiny",
-        "seed_strategy": "vmap",
+        "seed_strategy": "vmap",  # one seed's compilation for both
     }
     runs = paper_tables.plan(1, "fashion_mnist", str(tmp_path), options, ["wrn-16-1,wrn-16-2"])
     assert [r["column"] for r in runs] == ["teacher", "student", "AT", "F-ActT", "KD", "AT+KD"]
