@@ -1,4 +1,5 @@
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -88,6 +89,26 @@ def idx_dir(tmp_path_factory):
     return shared(tmp_path_factory, "idx", make_idx_dataset)
 
 
+@contextlib.contextmanager
+def optimized_xla():
+    """Full XLA optimisation (the library's default) inside, for the few tests whose programs
+    run long enough for it to pay (see JAX_DISABLE_MOST_OPTIMIZATIONS above)."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized():
+    with optimized_xla():
+        yield
+
+
 @pytest.fixture
 def procs():
     """Start subprocesses (``procs.start(cmd, ...)``), each in its own process group; after the
@@ -109,7 +130,8 @@ def teacher_dir(idx_dir, tmp_path_factory):
 
     def build(workdir):
         config = tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5)
-        train.train_and_evaluate(config, str(workdir), progress=False)
+        with optimized_xla():
+            train.train_and_evaluate(config, str(workdir), progress=False)
 
     return shared(tmp_path_factory, "teacher", build)
 
@@ -126,6 +148,21 @@ def init(model, seed, *args, **kwargs):
     import jax
 
     return jax.jit(model.init)(jax.random.key(seed, impl="rbg"), *args, **kwargs)
+
+
+def apply_flags(config, flags):
+    """``config`` with ``--config.key=value`` command-line overrides applied, as the CLI does
+    (for in-process reference runs of the CLI tests)."""
+    import ast
+
+    from at_jax import recipes
+
+    for flag in flags:
+        key, value = flag[len("--config.") :].split("=", 1)
+        with contextlib.suppress(ValueError, SyntaxError):  # else it stays a string
+            value = ast.literal_eval(value)
+        recipes.set_path(config, key, value)
+    return config
 
 
 def tiny_config(data_dir, method="student", **overrides):

@@ -2,7 +2,6 @@
 Grain workers): preemption (SIGTERM), SIGKILL and exact resume, no process left behind, two
 processes making one run (and stopping together), and the CLI's one-line errors."""
 
-import ast
 import json
 import os
 import re
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 from procs import group_members, wait_group_gone, wait_until
 
-from at_jax import recipes, runs, train
+from at_jax import runs, train
 from at_jax.metrics import read_jsonl
 from configs import imagenet
-from conftest import make_image_folder
+from conftest import apply_flags, make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -94,11 +93,9 @@ def test_sigterm_and_sigkill_mid_epoch_with_2_workers_resume_exactly_and_leave_n
         "--config.eval_every_epochs=2",
     ]
     # the uninterrupted reference, in this process (the batches do not depend on the workers)
-    reference = imagenet.get_config("student")
-    for flag in (*SMALL, *extra, f"--config.data.data_dir={folder}"):
-        key, value = flag[len("--config.") :].split("=")
-        literal = value[0] in "0123456789(."
-        recipes.set_path(reference, key, ast.literal_eval(value) if literal else value)
+    reference = apply_flags(
+        imagenet.get_config("student"), [*SMALL, *extra, f"--config.data.data_dir={folder}"]
+    )
     reference.data.num_workers = 0
     train.train_and_evaluate(reference, str(tmp_path / "ref"), progress=False)
     run_dir = tmp_path / "run"
@@ -149,8 +146,11 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(folder, tmp_p
         "--config.data.num_workers=0",
         "--config.optimizer.lr=0.01",
     ]
-    single = cli(procs, tmp_path / "one", folder, *extra, devices=1)
-    finish(single)
+    # the same run in one process (this one: 2 devices, as the 2 processes have together)
+    single = apply_flags(
+        imagenet.get_config("student"), [*SMALL, *extra, f"--config.data.data_dir={folder}"]
+    )
+    train.train_and_evaluate(single, str(tmp_path / "one"), progress=False)
 
     def pair():
         port = free_port()

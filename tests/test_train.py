@@ -18,7 +18,8 @@ from at_jax.data.batching import array_batches
 from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh, sharded
 from at_jax.train import position
-from conftest import tiny_config
+from configs import fashion_mnist
+from conftest import apply_flags, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,7 +186,12 @@ def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_unint
             cli_command(tmp_path / name, *extra, data_dir=idx_dir), cwd=elsewhere, env=cli_env()
         )
 
-    finish(run("ref"))  # first: the runs below then load its compiled programs
+    # the uninterrupted reference, in this process (2 devices, as the CLI picks on 2 cores);
+    # the runs below then load its compiled programs from the shared cache
+    reference = apply_flags(
+        fashion_mnist.get_config("student"), cli_command("ref", *extra, data_dir=idx_dir)[7:]
+    )
+    train.train_and_evaluate(reference, str(tmp_path / "ref"), progress=False)
     rows = tmp_path / "run" / "metrics.jsonl"
     first = run("run")  # 8 steps per epoch; a metrics row per step
     wait_until(lambda: len(read_jsonl(str(rows))) >= 2, first, 240, "step 2")
