@@ -165,6 +165,26 @@ def apply_flags(config, flags):
     return config
 
 
+def assert_same_run(ref_dir, run_dir, rel=1e-6):
+    """The same metrics rows (train and test values, lr, at the same steps) and results: what an
+    interrupted and resumed run must share with an uninterrupted one."""
+    import json
+
+    from at_jax.metrics import read_jsonl
+
+    ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
+    rows = read_jsonl(str(run_dir / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, rows, strict=True):
+        for key in a:
+            if key.startswith(("train/", "test/")) or key == "lr":
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (a["step"], key)
+    ref = json.load(open(ref_dir / "results.json"))
+    res = json.load(open(run_dir / "results.json"))
+    for key in ("final_test_error", "final_test_top5_error", "best_test_error"):
+        assert ref[key] == pytest.approx(res[key], abs=1e-4), key
+
+
 def tiny_config(data_dir, method="student", **overrides):
     """A fast config: WRN-10-1 on the tiny IDX dataset."""
     from at_jax import recipes

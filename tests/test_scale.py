@@ -2,7 +2,6 @@
 Grain workers): preemption (SIGTERM), SIGKILL and exact resume, no process left behind, two
 processes making one run (and stopping together), and the CLI's one-line errors."""
 
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ from procs import group_members, wait_group_gone, wait_until
 from at_jax import runs, train
 from at_jax.metrics import read_jsonl
 from configs import imagenet
-from conftest import apply_flags, make_image_folder
+from conftest import apply_flags, assert_same_run, make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -64,20 +63,6 @@ def finish(proc, timeout=400, code=0):
 
 def rows_at_least(workdir, n):
     return lambda: len(read_jsonl(str(workdir / "metrics.jsonl"))) >= n
-
-
-def assert_same_run(ref_dir, run_dir, rel=1e-6):
-    ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
-    res_rows = read_jsonl(str(run_dir / "metrics.jsonl"))
-    assert [r["step"] for r in res_rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, res_rows, strict=True):
-        for key in a:
-            if key.startswith(("train/", "test/")) or key == "lr":
-                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-7), (a["step"], key)
-    ref = json.load(open(ref_dir / "results.json"))
-    res = json.load(open(run_dir / "results.json"))
-    for key in ("final_test_error", "final_test_top5_error", "best_test_error"):
-        assert ref[key] == pytest.approx(res[key], abs=1e-6)
 
 
 def test_sigterm_and_sigkill_mid_epoch_with_2_workers_resume_exactly_and_leave_nothing(
@@ -227,5 +212,12 @@ def test_cli_errors_are_one_clear_line(folder, tmp_path, procs):
     shutil.copytree(folder, broken)
     victim = sorted((broken / "train" / "dog").iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:100])
-    line = error_of("--config.num_epochs=1", "--config.data.num_workers=0", data_dir=broken)
+    cache = tmp_path / "xla-cache"
+    line = error_of(
+        "--config.num_epochs=1",
+        "--config.data.num_workers=0",
+        f"--config.compilation_cache_dir={cache}",
+        data_dir=broken,
+    )
     assert line.startswith(f"error: cannot decode {victim}") and "on_bad_image=skip" in line
+    assert os.listdir(cache)  # the CLI compiled into the cache it was given

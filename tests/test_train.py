@@ -19,7 +19,7 @@ from at_jax.metrics import read_jsonl
 from at_jax.sharding import data_mesh, sharded
 from at_jax.train import position
 from configs import fashion_mnist
-from conftest import apply_flags, tiny_config
+from conftest import apply_flags, assert_same_run, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,9 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(
     config = tiny_config(idx_dir, "teacher", model="wrn-tiny", num_epochs=5)
     assert train.train_and_evaluate(config, str(workdir), progress=False) == saved
     assert (workdir / "metrics.jsonl").read_text() == metrics
-    # the options of a term that is off do not make another run
+    # the options of a term that is off, and where compiled programs are cached, do not make
+    # another run
+    config.compilation_cache_dir = str(tmp_path / "another-cache")
     config.loss.kd.temperature = 2.0
     config.loss.kd.legacy = not config.loss.kd.legacy
     assert train.train_and_evaluate(config, str(workdir), progress=False) == saved
@@ -149,21 +151,6 @@ def finish(proc, timeout=300):
     return out
 
 
-def compare_runs(ref_dir, other_dir):
-    """Identical metrics rows and results (the same numbers as an uninterrupted run)."""
-    ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
-    rows = read_jsonl(str(other_dir / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
-    for a, b in zip(ref_rows, rows, strict=True):
-        for key in a:
-            if key.startswith(("train/", "test/")) or key == "lr":
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    ref = json.load(open(ref_dir / "results.json"))
-    res = json.load(open(other_dir / "results.json"))
-    for key in ("final_test_error", "final_test_top5_error", "best_test_error"):
-        assert ref[key] == pytest.approx(res[key], abs=1e-4), key
-
-
 def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_uninterrupted_run(
     idx_dir, tmp_path, procs
 ):
@@ -217,7 +204,7 @@ def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_unint
     second.wait()
     out = finish(run("run"))
     assert f"from step 12 ({position(12, 8)})" in out and "epoch 2, step 4 of 8" in out
-    compare_runs(tmp_path / "ref", tmp_path / "run")
+    assert_same_run(tmp_path / "ref", tmp_path / "run", rel=1e-5)
 
 
 def make_step(config, data, mesh):
