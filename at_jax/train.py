@@ -57,6 +57,14 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
+def _stopped_before_training(signum: int) -> Stopped:
+    return Stopped(
+        signum,
+        f"stopped by {signal_name(signum)} before training started; nothing new to save; "
+        "run the same command to continue",
+    )
+
+
 def position(step: int, steps_per_epoch: int) -> str:
     """``"epoch E, step S of T"`` for a global step, with the progress bar's numbering
     (epochs from 1; the last step of epoch E is "epoch E, step T of T")."""
@@ -202,12 +210,7 @@ def _train(
 
     def stop_early() -> None:  # a signal while loading, evaluating the teacher or compiling
         if stop.signum is not None:
-            raise Stopped(
-                stop.signum,
-                f"stopped by {signal_name(stop.signum)} before "
-                "training started; nothing new to save; run the same command to "
-                "continue",
-            )
+            raise _stopped_before_training(stop.signum)
 
     mesh = data_mesh()
     data = open_data(config, mesh)
@@ -416,6 +419,8 @@ class _Loop:
                 signum = self.stop.requested(self.current)
                 if signum is not None:
                     self.bar.close()
+                    if self.current == 0:  # no step taken: the run starts afresh anyway
+                        raise _stopped_before_training(signum)
                     at = self.save_now()
                     raise Stopped(
                         signum,

@@ -195,6 +195,37 @@ def test_every_config_value_is_checked_before_anything_is_built(idx_dir, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("phase", ["open_data", "make_eval_fn"])
+def test_a_signal_before_the_first_step_says_nothing_was_saved(
+    idx_dir, tmp_path, monkeypatch, phase
+):
+    """SIGTERM while the data loads (set-up), or after set-up but before the loop's first step:
+    no checkpoint is claimed or written, and the same command then trains the run."""
+    from conftest import tiny_config
+
+    module = train if phase == "open_data" else train.evaluate
+    real = getattr(module, phase)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, phase, signalled)
+    config = tiny_config(idx_dir)
+    workdir = tmp_path / "run"
+    with pytest.raises(train.Stopped) as stopped:
+        train.train_and_evaluate(config, str(workdir), progress=False)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value) == (
+        "stopped by SIGTERM before training started; nothing new to save; "
+        "run the same command to continue"
+    )
+    checkpoints = workdir / "checkpoints"
+    assert not checkpoints.exists() or not os.listdir(checkpoints)
+    monkeypatch.setattr(module, phase, real)
+    assert train.train_and_evaluate(config, str(workdir), progress=False)["epochs"] == 1
+
+
 def test_a_second_signal_exits_at_once():
     code = (
         "import os, signal, time\n"

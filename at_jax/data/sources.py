@@ -76,7 +76,7 @@ class RecordSource:
 def _layout_error(name: str, path: str, problem: str) -> DataLayoutError:
     return DataLayoutError(
         f"{name}: {problem} (looked at {path}). Expected layout: "
-        f"{LAYOUTS[name]}; set config.data.data_dir to its root."
+        f"{LAYOUTS[name]}; set config.data.data_dir (--data_dir of the data tools) to its root."
     )
 
 
