@@ -187,7 +187,15 @@ def train_and_evaluate(
     config = ml_collections.ConfigDict(config)
     validate_config(config)
     with StopSignals() as stop:
-        return _train(config, workdir, progress, stop)
+        results = _train(config, workdir, progress, stop)
+    if stop.signum is not None:  # it came after the last step: the run is done, but a caller
+        # running several (the demo, the table runner) must stop too, not start the next one
+        raise Stopped(
+            stop.signum,
+            f"stopped by {signal_name(stop.signum)} as the run finished; its results are "
+            f"saved in {os.path.join(workdir, RESULTS_FILE)}",
+        )
+    return results
 
 
 def _train(

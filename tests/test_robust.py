@@ -2,6 +2,7 @@
 16-bit images, data errors, SIGINT and a second signal, config values checked up front."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -224,6 +225,32 @@ def test_a_signal_before_the_first_step_says_nothing_was_saved(
     assert not checkpoints.exists() or not os.listdir(checkpoints)
     monkeypatch.setattr(module, phase, real)
     assert train.train_and_evaluate(config, str(workdir), progress=False)["epochs"] == 1
+
+
+def test_a_signal_after_the_last_step_keeps_the_results_and_stops_the_caller(
+    idx_dir, tmp_path, monkeypatch
+):
+    """SIGINT during the final evaluation: the run finishes and saves its results, and the
+    caller hears of it (Stopped), so that a driver of several runs does not start the next."""
+    from conftest import tiny_config
+
+    real = train._results
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_results", signalled)
+    workdir = tmp_path / "run"
+    with pytest.raises(train.Stopped) as stopped:
+        train.train_and_evaluate(tiny_config(idx_dir), str(workdir), progress=False)
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert str(stopped.value) == (
+        f"stopped by SIGINT as the run finished; its results are saved in {workdir}/results.json"
+    )
+    monkeypatch.setattr(train, "_results", real)
+    saved = train.train_and_evaluate(tiny_config(idx_dir), str(workdir), progress=False)
+    assert saved == json.loads((workdir / "results.json").read_text())  # reused, not retrained
 
 
 def test_a_second_signal_exits_at_once():
