@@ -89,10 +89,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         compilation_cache.use_compilation_cache(FLAGS.config.compilation_cache_dir)
-        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train.Stopped as e:  # SIGTERM/SIGINT: a checkpoint is saved; exit as the signal would
-        print(e, file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        with train.exit_when_stopped():  # SIGTERM/SIGINT: exit as the signal would
+            results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (
         ValueError,
         KeyError,

@@ -17,8 +17,10 @@ config value is checked first (:func:`validate_config`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -39,7 +41,14 @@ from at_jax.preemption import StopSignals, signal_name
 from at_jax.seeds import SEED_STRATEGIES
 from at_jax.sharding import data_mesh, replicated
 
-__all__ = ["train_and_evaluate", "validate_config", "Stopped", "TrainingDiverged", "position"]
+__all__ = [
+    "train_and_evaluate",
+    "validate_config",
+    "Stopped",
+    "exit_when_stopped",
+    "TrainingDiverged",
+    "position",
+]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -55,6 +64,17 @@ class Stopped(Exception):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def exit_when_stopped(note: str = "") -> Iterator[None]:
+    """For command-line programs: a :class:`Stopped` run ends the process with its one line
+    (and ``note``) on stderr and its exit code, 128 + the signal, without a traceback."""
+    try:
+        yield
+    except Stopped as e:
+        print(f"{e}{note}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def _stopped_before_training(signum: int) -> Stopped:

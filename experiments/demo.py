@@ -12,7 +12,6 @@ runs and reuses finished ones.
 """
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -167,7 +166,8 @@ def main(argv):
         for m, label in STUDENTS
     ]
     results = {}
-    try:
+    # SIGTERM/SIGINT: the run in progress saves a checkpoint, and the demo stops
+    with train.exit_when_stopped(" (the demo resumes there)"):
         for i, (method, label, workdir, epochs, seeds) in enumerate(runs, 1):
             print(
                 f"\n== [{i}/{len(runs)}] {label} ({epochs} epochs, {seeds} seed(s)) -> {workdir}",
@@ -176,9 +176,6 @@ def main(argv):
             results[label] = train.train_and_evaluate(
                 demo_config(method, epochs, teacher_dir, seeds), workdir
             )
-    except train.Stopped as e:  # SIGTERM/SIGINT: the run in progress saved a checkpoint
-        print(f"{e} (the demo resumes there)", file=sys.stderr)
-        sys.exit(e.exit_code)
 
     data = load_dataset(
         "fashion_mnist",

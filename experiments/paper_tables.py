@@ -24,7 +24,6 @@ reference from another dataset.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Optional
 
@@ -414,11 +413,9 @@ def main(argv):
             *tuple(k for k, v in options.items() if v and k != "seeds"),
         )
     )
-    try:
+    # SIGTERM/SIGINT: the run in progress saves a checkpoint, and the table runner stops
+    with train.exit_when_stopped(" (run the same command to go on with the table)"):
         make_table(table, FLAGS.dataset, FLAGS.root, options, pairs, command)
-    except train.Stopped as e:  # SIGTERM/SIGINT: the run in progress saved a checkpoint
-        print(f"{e} (run the same command to go on with the table)", file=sys.stderr)
-        sys.exit(e.exit_code)
     stem = os.path.join(FLAGS.root, f"table{table}_{FLAGS.dataset}")
     with open(stem + ".md") as f:
         print(f.read())

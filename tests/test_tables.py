@@ -1,10 +1,8 @@
 import json
-import signal
 
 import numpy as np
 import pytest
 
-from at_jax import train
 from experiments import paper_tables
 
 
@@ -93,25 +91,3 @@ def test_table2_and_table3_plans():
     assert by_column["baseline"]["config"].num_epochs == 200
     with pytest.raises(ValueError, match="Table 3 runs on"):
         paper_tables.plan(3, "cifar100", "R", options)
-
-
-def test_a_stopped_run_ends_the_table_runner_with_one_line(monkeypatch, tmp_path, capsys):
-    def stopped(config, workdir, progress=True):
-        raise train.Stopped(signal.SIGTERM, f"stopped by SIGTERM at step 3 ({workdir})")
-
-    monkeypatch.setattr(paper_tables.train, "train_and_evaluate", stopped)
-    if "table" not in paper_tables.FLAGS:
-        paper_tables.define_flags()
-    paper_tables.FLAGS(
-        ["paper_tables", "--table=1", "--dataset=fashion_mnist", f"--root={tmp_path}"]
-    )
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            paper_tables.main([])
-    finally:
-        paper_tables.FLAGS.unparse_flags()
-    assert exit_.value.code == 128 + signal.SIGTERM
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("stopped by SIGTERM at step 3") and err[-1].endswith(
-        "(run the same command to go on with the table)"
-    )
