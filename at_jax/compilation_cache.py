@@ -20,12 +20,7 @@ import os
 
 import jax
 
-__all__ = ["default_cache_dir", "use_compilation_cache", "MAX_CACHE_BYTES"]
-
-MAX_CACHE_BYTES = 4 << 30
-"""The cache's size cap (4 GiB): beyond it JAX deletes the least recently used programs, so that
-a cache in the home directory does not grow with every experiment.
-``JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes; -1 = no cap) chooses another."""
+__all__ = ["default_cache_dir", "use_compilation_cache"]
 
 
 def default_cache_dir() -> str:
@@ -38,10 +33,8 @@ def use_compilation_cache(directory: str | None) -> str | None:
     """Cache every compiled XLA program in ``directory`` (created if needed) and read it back.
 
     ``""`` or ``None`` leaves the cache as it is (off unless something else switched it on).
-    Call it before the first compilation: JAX opens the cache once per process. The cache is
-    capped at :data:`MAX_CACHE_BYTES` (least recently used programs go first) unless
-    ``JAX_COMPILATION_CACHE_MAX_SIZE`` says otherwise. Returns the absolute directory, or None
-    when off. A directory that cannot be created is reported with
+    Call it before the first compilation: JAX opens the cache once per process. Returns the
+    absolute directory, or None when off. A directory that cannot be created is reported with
     what to do.
     """
     if not directory:
@@ -59,6 +52,4 @@ def use_compilation_cache(directory: str | None) -> str | None:
     # Every program, however quick to compile or small: on a CPU they are many and short.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return path
