@@ -260,22 +260,35 @@ def test_grad_at_loss_is_a_hand_written_double_backprop_and_the_registered_term(
         diff = jax.grad(ce_sum, 1)(s_fn(params), x) - jax.grad(ce_sum, 1)(t_fn, x)
         return 0.5 * jnp.mean(jnp.sum(diff.reshape(3, -1) ** 2, -1))
 
-    ours = lambda p: gradient.grad_at_loss(s_fn(p), t_fn, x, y)  # noqa: E731
-    np.testing.assert_allclose(ours(sv["params"]), by_hand(sv["params"]), rtol=1e-5)
-    g_ours, g_hand = jax.grad(ours)(sv["params"]), jax.grad(by_hand)(sv["params"])
+    def ours(params):
+        return gradient.grad_at_loss(s_fn(params), t_fn, x, y)
+
+    @jax.jit  # one program (op by op, a double backprop compiles hundreds of primitives)
+    def values_and_grads(params):
+        return ours(params), by_hand(params), jax.grad(ours)(params), jax.grad(by_hand)(params)
+
+    value_ours, value_hand, g_ours, g_hand = values_and_grads(sv["params"])
+    np.testing.assert_allclose(value_ours, value_hand, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ours, g_hand
     )
-    # the registered term (what the CLI trains) is the same function on what the step provides
-    logits, acts, _ = forward(student, sv, x)
-    t_logits, t_acts, _ = forward(teacher, tv, x)
-    out = objective.StepOutputs(
-        x, y, logits, acts, t_logits, t_acts, student_fn=s_fn(sv["params"]), teacher_fn=t_fn
-    )
-    np.testing.assert_allclose(objective.grad_at_term(out), ours(sv["params"]), rtol=1e-6)
-    np.testing.assert_allclose(
-        objective.min_l2_term(out), gradient.min_l2_loss(s_fn(sv["params"]), x, y), rtol=1e-6
-    )
+
+    @jax.jit  # the registered terms (what the CLI trains) on what the step provides
+    def terms(params):
+        logits, acts, _ = forward(student, {"params": params}, x)
+        t_logits, t_acts, _ = forward(teacher, tv, x)
+        out = objective.StepOutputs(
+            x, y, logits, acts, t_logits, t_acts, student_fn=s_fn(params), teacher_fn=t_fn
+        )
+        return (
+            objective.grad_at_term(out),
+            objective.min_l2_term(out),
+            gradient.min_l2_loss(s_fn(params), x, y),
+        )
+
+    grad_at_term, min_l2_term, min_l2 = terms(sv["params"])
+    np.testing.assert_allclose(grad_at_term, value_ours, rtol=1e-6)
+    np.testing.assert_allclose(min_l2_term, min_l2, rtol=1e-6)
 
 
 def test_load_teacher_logits_equal_restore_and_forward(teacher_run):
