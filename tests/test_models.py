@@ -6,6 +6,9 @@ import pytest
 from at_jax.models import forward, from_torchvision, get_model
 from conftest import init
 
+# forward as one compiled program per model (op by op, every primitive compiles on its own)
+jforward = jax.jit(forward, static_argnums=0, static_argnames="train")
+
 
 def n_params(tree):
     return sum(x.size for x in jax.tree.leaves(tree))
@@ -57,7 +60,7 @@ def test_nin_output_and_transfer_point_shapes(size, channels, maps):
     model = get_model("nin-thin", batch_norm=False, relu_before_pool=False)
     x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
     variables = init(model, 0, x)
-    logits, acts, _ = forward(model, variables, x)
+    logits, acts, _ = jforward(model, variables, x)
     assert logits.shape == (2, 10)
     assert {k: v.shape for k, v in acts.items()} == {
         "block0": (2, maps[0], maps[0], 48),
@@ -67,15 +70,15 @@ def test_nin_output_and_transfer_point_shapes(size, channels, maps):
     # without ReLU before pooling the blocks' outputs keep their negative values
     assert float(acts["block0"].min()) < 0 and float(acts["block2"].min()) < 0
     relu = get_model("nin-thin", batch_norm=False)
-    _, relu_acts, _ = forward(relu, variables, x)
+    _, relu_acts, _ = jforward(relu, variables, x)
     assert float(relu_acts["block0"].min()) >= 0
     # dropout only in train mode, from the "dropout" rng
-    a = forward(model, variables, x, train=True, rngs={"dropout": jax.random.key(1)})[0]
-    b = forward(model, variables, x, train=True, rngs={"dropout": jax.random.key(2)})[0]
+    a = jforward(model, variables, x, train=True, rngs={"dropout": jax.random.key(1)})[0]
+    b = jforward(model, variables, x, train=True, rngs={"dropout": jax.random.key(2)})[0]
     assert not np.allclose(a, b)
     no_dropout = get_model("nin-thin", batch_norm=False, relu_before_pool=False, dropout_rate=0.0)
     np.testing.assert_allclose(
-        forward(no_dropout, variables, x, train=True)[0], logits, rtol=1e-5, atol=1e-6
+        jforward(no_dropout, variables, x, train=True)[0], logits, rtol=1e-5, atol=1e-6
     )
 
 
@@ -112,7 +115,7 @@ def test_wrn_sows_groups_and_blocks(size, channels):
     model = get_model("wrn-16-1")
     x = jnp.ones((2, size, size, channels))
     variables = init(model, 0, x)
-    logits, acts, _ = forward(model, variables, x)
+    logits, acts, _ = jforward(model, variables, x)
     assert logits.shape == (2, 10)
     s = [size, (size + 1) // 2, (size + 3) // 4]
     for g, (hw, c) in enumerate(zip(s, (16, 32, 64), strict=True)):
@@ -123,17 +126,18 @@ def test_wrn_sows_groups_and_blocks(size, channels):
 
 
 def test_nin_and_resnet_sow_their_transfer_points():
+    def shapes(model, x):  # init and forward traced for their shapes, nothing compiled
+        return jax.eval_shape(lambda: forward(model, model.init(jax.random.key(0), x), x))
+
     nin = get_model("nin-tiny")
-    x = jnp.ones((2, 32, 32, 3))
-    _, acts, _ = forward(nin, init(nin, 0, x), x)
+    _, acts, _ = shapes(nin, jnp.ones((2, 32, 32, 3)))
     assert {k: v.shape for k, v in acts.items()} == {
         "block0": (2, 32, 32, 4),
         "block1": (2, 16, 16, 8),
         "block2": (2, 8, 8, 10),
     }
     res = get_model("resnet-18", num_classes=5)
-    x = jnp.ones((1, 64, 64, 3))
-    logits, acts, _ = forward(res, init(res, 0, x), x)
+    logits, acts, _ = shapes(res, jnp.ones((1, 64, 64, 3)))
     assert logits.shape == (1, 5)
     assert {k: v.shape for k, v in acts.items()} == {
         "layer1": (1, 16, 16, 64),
