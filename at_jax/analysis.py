@@ -16,22 +16,46 @@ maps; orthogonal maps give sqrt(2). It works for any pair of models given as fun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax.attention import attention_map, common_size
+from at_jax.attention import attention_map, common_size, safe_norm
 from at_jax.data.augment import normalize
 from at_jax.losses import Pairs, pair_activations
 from at_jax.models import forward
 
-__all__ = ["attention_distance", "pair_distances", "as_model_fn"]
+__all__ = ["attention_distance", "pair_distances", "as_model_fn", "preprocess_for"]
 
 ModelFn = Callable[[Any], tuple[Any, Mapping[str, jax.Array]]]
+Preprocess = Union[None, Callable[[Any], Any], Mapping[str, Callable[[Any], Any]]]
+
+
+def preprocess_for(preprocess: Preprocess, labels: Sequence[str]) -> dict[str, Any]:
+    """``label -> function or None`` for each model: one function for every model, or a mapping
+    ``label -> function`` (a model without an entry gets its input as it is). An entry for an
+    unknown label raises, naming the labels."""
+    if preprocess is None or callable(preprocess):
+        return dict.fromkeys(labels, preprocess)
+    if not isinstance(preprocess, Mapping):
+        raise TypeError(
+            "preprocess must be a function or a mapping label -> function, got "
+            f"{type(preprocess).__name__}"
+        )
+    unknown = [k for k in preprocess if k not in labels]
+    if unknown:
+        raise ValueError(
+            f"preprocess has entries for {unknown}, which are not models here: the labels are "
+            f"{list(labels)}"
+        )
+    bad = [k for k, f in preprocess.items() if not callable(f)]
+    if bad:
+        raise TypeError(f"preprocess[{bad[0]!r}] is not a function")
+    return {label: preprocess.get(label) for label in labels}
 
 
 def as_model_fn(model: Any) -> ModelFn:
@@ -64,7 +88,7 @@ def pair_distances(
         size = common_size(student_acts[s].shape, teacher_acts[t].shape, channel_axis)
         q_s = attention_map(student_acts[s], p, reduce, size=size, channel_axis=channel_axis)
         q_t = attention_map(teacher_acts[t], p, reduce, size=size, channel_axis=channel_axis)
-        out[f"{s}<-{t}"] = jnp.linalg.norm(q_s - q_t, axis=-1)
+        out[f"{s}<-{t}"] = safe_norm(q_s - q_t, 2, axis=-1)
     return out
 
 
@@ -79,7 +103,7 @@ def attention_distance(
     reduce: str = "mean",
     batch_size: int = 500,
     *,
-    preprocess: Optional[Callable[[Any], Any]] = None,
+    preprocess: Preprocess = None,
     channel_axis: int = -1,
 ) -> dict[str, float]:
     """Mean l2 distance between the normalised attention maps of a student and its teacher.
@@ -91,8 +115,10 @@ def attention_distance(
       images: the images, in batches of ``batch_size``.
       mean, std: if given, ``images`` are uint8 and are scaled to [0, 1] and normalised with
         them first (at_jax's preprocessing); ``preprocess``: any other function applied to each
-        batch first (e.g. ``teacher.preprocess``). Without either, batches go to the models as
-        they are (a :class:`Teacher` preprocesses uint8 images itself).
+        batch first (e.g. ``teacher.preprocess``), or one per model, ``{"student": f,
+        "teacher": g}`` (two models that take different inputs; a model without an entry gets
+        the batch as it is). Without either, batches go to the models as they are (a
+        :class:`Teacher` preprocesses uint8 images itself).
       pairs: ``[(student_name, teacher_name), ...]``, ``"s:t"`` strings, or ``"groups"`` (at_jax's
         transfer points), as :func:`at_jax.losses.pair_activations`; an unknown name raises
         with both models' names.
@@ -115,12 +141,16 @@ def attention_distance(
         def preprocess(x: jax.Array) -> jax.Array:
             return normalize(x, mean, std)
 
+    prep = preprocess_for(preprocess, ("student", "teacher"))
+
+    def model_input(label: str, x: jax.Array) -> jax.Array:
+        f = prep[label]
+        return x if f is None else f(x)
+
     @jax.jit
     def batch_sums(x: jax.Array) -> dict[str, jax.Array]:
-        if preprocess is not None:
-            x = preprocess(x)
-        _, s_acts = student_fn(x)
-        _, t_acts = teacher_fn(x)
+        _, s_acts = student_fn(model_input("student", x))
+        _, t_acts = teacher_fn(model_input("teacher", x))
         distances = pair_distances(s_acts, t_acts, pairs, p, reduce, channel_axis)
         return {k: jnp.sum(v) for k, v in distances.items()}
 

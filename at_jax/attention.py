@@ -9,7 +9,18 @@ NCHW) the attention map is a function of the channel-wise absolute values, flatt
     reduce="max"   F_max^p(A)  = max_c |A_c|^p
 
 then normalised per sample (``normalize="l2"`` as the reference's ``F.normalize``, ``"l1"``, or
-``None``), with the reference's epsilon: ``q / max(||q||, 1e-12)``.
+``None``), with the reference's epsilon: ``q / max(||q||, 1e-12)``. Every norm here
+(:func:`safe_norm`) has a finite gradient at zero, PyTorch's: an all-zero map (a blank image
+through a bias-free convolution, a ReLU stage that is off for one example) gives finite
+gradients, not NaN.
+
+Layouts: a 4-D array is NHWC unless ``channel_axis`` says otherwise. What can be detected is
+refused or flagged: a 3-D array (ViT tokens, (B, N, D)) is refused with how to make it a grid;
+two maps whose spatial sizes are not one integer multiple of each other are refused; an array
+read as NHWC whose last two axes are equal and differ from the second (``(B, C, H, H)``, the
+shape of square NCHW maps) gives a warning. What cannot be detected: NCHW arrays of the same
+non-square shape on both sides, read as NHWC, give a number without complaint — pass
+``channel_axis=1`` for PyTorch-layout arrays.
 
 Maps of different resolutions (a student and a teacher whose feature maps differ in size) are
 compared after average-pooling the larger map to the smaller (:func:`pool_map`), which needs the
@@ -20,6 +31,7 @@ plausible number.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import jax
@@ -31,6 +43,8 @@ __all__ = [
     "attention_map",
     "spatial_map",
     "normalize_rows",
+    "safe_norm",
+    "check_feature_maps",
     "pool_map",
     "common_size",
     "EPSILON",
@@ -52,19 +66,64 @@ def _check_options(p: float, reduce: str, normalize: Optional[str]) -> None:
         raise ValueError(f"the attention exponent p must be positive, got {p!r}")
 
 
-def channels_last(a: jax.Array, channel_axis: int = -1) -> jax.Array:
-    """``a`` (4-D: a batch of feature maps) with its channel axis moved last (NHWC)."""
-    if a.ndim != 4:
+def _token_hint(shape: tuple) -> str:
+    b, n, d = shape
+    side = round((n - 1) ** 0.5)
+    grid = (
+        f"tokens[:, 1:].reshape({b}, {side}, {side}, {d}) drops the class token and makes the "
+        f"{side}x{side} patch grid; "
+        if side * side == n - 1
+        else f"tokens.reshape(B, h, w, {d}) with h*w patch tokens; "
+    )
+    return (
+        f"a 3-D array {tuple(shape)} looks like (B, N, D) tokens, not a feature map: {grid}"
+        "then the grid is a feature map (B, h, w, D)"
+    )
+
+
+def check_feature_maps(shape: tuple, channel_axis: int = -1, warn: bool = True) -> None:
+    """Raise ``ValueError`` unless ``shape`` is a 4-D batch of feature maps with a valid
+    ``channel_axis``; ``warn``: warn when an array read as NHWC has the shape of square NCHW
+    maps."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 4:
         raise ValueError(
-            f"attention maps take a batch of feature maps (4 dims: NHWC, or NCHW "
-            f"with channel_axis=1), got shape {tuple(a.shape)}"
+            _token_hint(shape)
+            if len(shape) == 3
+            else "attention maps take a batch of feature maps (4 dims: NHWC, or NCHW "
+            f"with channel_axis=1), got shape {shape}"
         )
     if not -4 <= channel_axis < 4 or channel_axis in (0, -4):
         raise ValueError(
             f"channel_axis must name one of the axes 1-3 (or -1..-3) of a 4-D "
             f"batch, got {channel_axis}"
         )
+    if warn and channel_axis in (-1, 3) and shape[2] == shape[3] != shape[1] and shape[1] > 1:
+        warnings.warn(
+            f"an array of shape {shape} is read as NHWC (H={shape[1]}, W={shape[2]}, "
+            f"C={shape[3]}), but it has the shape of NCHW maps ({shape[1]} channels of "
+            f"{shape[2]}x{shape[3]}): pass channel_axis=1 if it is NCHW",
+            stacklevel=2,
+        )
+
+
+def channels_last(a: jax.Array, channel_axis: int = -1) -> jax.Array:
+    """``a`` (4-D: a batch of feature maps) with its channel axis moved last (NHWC)."""
+    check_feature_maps(a.shape, channel_axis)
     return a if channel_axis in (-1, 3) else jnp.moveaxis(a, channel_axis, -1)
+
+
+def safe_norm(x: jax.Array, order: int = 2, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """The l1 or l2 norm of ``x`` along ``axis`` with PyTorch's gradient at zero (0, where
+    ``jnp.linalg.norm``'s is NaN): the values are ``jnp.linalg.norm``'s."""
+    if order not in (1, 2):
+        raise ValueError(f"safe_norm takes order 1 or 2, got {order!r}")
+    if order == 1:
+        return jnp.sum(jnp.abs(x), axis=axis, keepdims=keepdims)
+    squared = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    positive = squared > 0
+    # the double `where`: sqrt's gradient is taken only where it is finite
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
 def spatial_map(
@@ -81,12 +140,13 @@ def spatial_map(
 
 
 def normalize_rows(q: jax.Array, normalize: Optional[str] = "l2") -> jax.Array:
-    """Per-sample normalisation of (B, N) rows: ``q / max(||q||, eps)`` (l2 or l1), or identity."""
+    """Per-sample normalisation of (B, N) rows: ``q / max(||q||, eps)`` (l2 or l1), or identity
+    — PyTorch's ``F.normalize``, whose gradient is finite for an all-zero row (``1/eps`` times
+    the incoming one, as PyTorch's)."""
     _check_options(2.0, "mean", normalize)
     if normalize is None:
         return q
-    order = 2 if normalize == "l2" else 1
-    norm = jnp.linalg.norm(q, ord=order, axis=-1, keepdims=True)
+    norm = safe_norm(q, 2 if normalize == "l2" else 1, axis=-1, keepdims=True)
     return q / jnp.maximum(norm, EPSILON)
 
 
@@ -94,8 +154,11 @@ def common_size(a_shape: tuple, b_shape: tuple, channel_axis: int = -1) -> tuple
     """The spatial size (H, W) at which two batches of feature maps are compared: the smaller
     one, when the larger is the same integer multiple of it in height and width.
 
-    Raises ``ValueError`` naming both shapes and ``channel_axis`` otherwise.
+    Raises ``ValueError`` naming both shapes and ``channel_axis`` otherwise (and for arrays that
+    are not 4-D batches of feature maps, see :func:`check_feature_maps`).
     """
+    for shape in (a_shape, b_shape):
+        check_feature_maps(shape, channel_axis, warn=False)  # the maps themselves warn
     spatial = [i for i in range(4) if i not in (0, channel_axis % 4)]
     a_hw = (int(a_shape[spatial[0]]), int(a_shape[spatial[1]]))
     b_hw = (int(b_shape[spatial[0]]), int(b_shape[spatial[1]]))

@@ -2,7 +2,9 @@
 
     python -m at_jax.bench --student wrn-16-1 --teacher wrn-16-2 --method at --batch 128 --steps 50
 
-Times steady-state steps after compilation (``compile_s`` reported separately) of the real step:
+Times steady-state steps after compilation (``compile_s`` and the first step, ``first_step_s``,
+reported separately; ``peak_memory_bytes``: the device's peak, where it reports one) of the real
+step:
 on-device augmentation of in-memory uint8 data, teacher forward (eval mode), student
 forward/backward, every loss term, SGD update. ``--seeds K`` trains K students in one program
 (images_per_s counts all of them). The teacher is randomly initialised: speed does not depend on
@@ -20,6 +22,7 @@ from absl import app, flags
 from at_jax import devices, recipes, step as step_lib
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import CIFAR_MEAN, CIFAR_STD
+from at_jax.errors import one_line_errors
 from at_jax.models import get_model
 from at_jax.sharding import sharded
 
@@ -121,8 +124,10 @@ def run(
     t0 = time.perf_counter()
     compiled = st.train_step.lower(state, batches[0], t_vars).compile()
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     state, metrics = compiled(state, batches[0], t_vars)
     jax.block_until_ready(metrics)
+    first_step_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
         state, metrics = compiled(state, batches[i % len(batches)], t_vars)
@@ -132,6 +137,8 @@ def run(
         "images_per_s": steps * batch * seeds / elapsed,
         "step_ms": 1000 * elapsed / steps,
         "compile_s": compile_s,
+        "first_step_s": first_step_s,
+        "peak_memory_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
         "device": jax.devices()[0].device_kind,
         "num_devices": len(jax.devices()),
         "method": method,
@@ -150,18 +157,19 @@ def main(argv):
     del argv
     devices.use_cpu_cores(FLAGS.batch)
     cache = use_compilation_cache(FLAGS.compilation_cache_dir)
-    result = run(
-        FLAGS.method,
-        FLAGS.student,
-        FLAGS.teacher,
-        FLAGS.batch,
-        FLAGS.steps,
-        FLAGS.dtype,
-        FLAGS.seeds,
-        FLAGS.image_size,
-        FLAGS.dataset_size,
-        FLAGS.seed_strategy,
-    )
+    with one_line_errors():  # an unknown model name, a batch that the devices cannot split
+        result = run(
+            FLAGS.method,
+            FLAGS.student,
+            FLAGS.teacher,
+            FLAGS.batch,
+            FLAGS.steps,
+            FLAGS.dtype,
+            FLAGS.seeds,
+            FLAGS.image_size,
+            FLAGS.dataset_size,
+            FLAGS.seed_strategy,
+        )
     result["compilation_cache"] = cache  # compile_s is a cache load when this one had the step
     print(json.dumps(result))
 

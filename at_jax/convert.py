@@ -38,6 +38,7 @@ from at_jax.data import dataset_num_classes
 from at_jax.data.catalog import dataset_info
 from at_jax.metrics import write_json_atomic
 from at_jax.models import from_torchvision, get_model
+from at_jax.naming import natural_sorted
 
 __all__ = [
     "convert",
@@ -122,7 +123,7 @@ def to_variables(
     if "fc.weight" not in state_dict:
         raise ConversionError(
             "the state_dict has no fc.weight: it is not a torchvision ResNet "
-            f"(keys: {sorted(state_dict)[:5]} ...)"
+            f"(keys: {natural_sorted(state_dict)[:5]} ...)"
         )
     num_classes = int(np.shape(state_dict["fc.weight"])[0])
     try:
@@ -136,9 +137,9 @@ def to_variables(
     want = {p: v.shape for p, v in traverse_util.flatten_dict(expected).items()}
     got = {p: v.shape for p, v in traverse_util.flatten_dict(variables).items()}
     if want != got:
-        missing = sorted("/".join(p) for p in set(want) - set(got))
-        extra = sorted("/".join(p) for p in set(got) - set(want))
-        shapes = sorted(
+        missing = natural_sorted("/".join(p) for p in set(want) - set(got))
+        extra = natural_sorted("/".join(p) for p in set(got) - set(want))
+        shapes = natural_sorted(
             f"{'/'.join(p)} {got[p]} (expected {want[p]})"
             for p in set(want) & set(got)
             if want[p] != got[p]

@@ -24,6 +24,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from at_jax.naming import natural_key, natural_sorted
+
 FROZEN, TRAINED = "frozen", "trained"
 
 
@@ -44,10 +46,10 @@ def check_modules(modules, params: dict, model_name: str) -> None:
     """Every name in ``config.freeze.modules`` must name a top-level module of the model."""
     unknown = [m for m in modules if not any(_in_modules(name, [m]) for name in params)]
     if unknown:
-        groups = sorted({re.sub(r"_\d+$", "", name) for name in params} - set(params))
+        groups = natural_sorted({re.sub(r"_\d+$", "", name) for name in params} - set(params))
         raise ValueError(
             f"config.freeze.modules names {unknown}, which {model_name!r} does not "
-            f"have; its top-level modules are {list(params)}"
+            f"have; its top-level modules are {natural_sorted(params)}"
             + (f" and its groups {groups} (a group's name covers its blocks)" if groups else "")
         )
 
@@ -98,8 +100,8 @@ def plan(
     Raises with what differs."""
     new = traverse_util.flatten_dict(dict(fresh))
     old = traverse_util.flatten_dict(dict(pretrained))
-    missing = sorted("/".join(p) for p in set(new) - set(old))
-    extra = sorted("/".join(p) for p in set(old) - set(new))
+    missing = natural_sorted("/".join(p) for p in set(new) - set(old))
+    extra = natural_sorted("/".join(p) for p in set(old) - set(new))
     if missing or extra:
         raise ValueError(
             f"config.init_from={source!r} holds another architecture than {model_name!r}: "
@@ -110,7 +112,7 @@ def plan(
         )
     replaced = {p for p in new if new[p].shape != old[p].shape}
     # the classifier's leaves differ in their last axis only: this run's classes vs the source's
-    wrong = sorted(
+    wrong = natural_sorted(
         f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
         for p in replaced
         if new[p].shape[:-1] != old[p].shape[:-1] or new[p].shape[-1] != num_classes
@@ -137,7 +139,8 @@ def describe(replaced: set, fresh: dict, pretrained: dict) -> str:
     new = traverse_util.flatten_dict(dict(fresh))
     old = traverse_util.flatten_dict(dict(pretrained))
     return ", ".join(
-        f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}" for p in sorted(replaced)
+        f"{'/'.join(p)} {tuple(old[p].shape)} -> {tuple(new[p].shape)}"
+        for p in sorted(replaced, key=lambda p: natural_key("/".join(p)))
     )
 
 

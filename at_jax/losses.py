@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from at_jax.attention import attention_map, channels_last, common_size, normalize_rows, pool_map
+from at_jax.attention import (
+    attention_map,
+    channels_last,
+    common_size,
+    normalize_rows,
+    pool_map,
+    safe_norm,
+)
+from at_jax.naming import natural_key, natural_sorted, unknown_names_message
 from at_jax.precision import upcast
 
 __all__ = [
@@ -107,7 +115,7 @@ def at_loss(
     diff = qs - qt
     if mode == "code":
         return jnp.mean(diff * diff)
-    return jnp.mean(jnp.sqrt(jnp.sum(diff * diff, axis=-1) + 1e-24))
+    return jnp.mean(safe_norm(diff, 2, axis=-1))
 
 
 def pair_name(student: str, teacher: str) -> str:
@@ -245,10 +253,7 @@ _WRN_BLOCK = re.compile(r"^group\d+\.block\d+$")
 
 
 def _sorted_names(names: Any, pattern: re.Pattern) -> list[str]:
-    def key(n: str) -> list[int]:
-        return [int(d) for d in re.findall(r"\d+", n)]
-
-    return sorted((n for n in names if pattern.match(n)), key=key)
+    return sorted((n for n in names if pattern.match(n)), key=natural_key)
 
 
 def pair_activations(
@@ -279,7 +284,8 @@ def pair_activations(
         if not s_names or len(s_names) != len(t_names):
             raise ValueError(
                 f"cannot pair {pairs!r}: student has {s_names}, teacher has {t_names} "
-                f"(all student names: {sorted(student_acts)}; teacher: {sorted(teacher_acts)})"
+                f"(all student names: {natural_sorted(student_acts)}; teacher: "
+                f"{natural_sorted(teacher_acts)})"
                 + (
                     " (per-block pairing needs student and teacher of the same depth)"
                     if pairs == "blocks"
@@ -295,15 +301,11 @@ def pair_activations(
         else:
             s, t = tuple(item)
         missing = [
-            f"the {side} has no {n!r}"
+            f"the {side} has no {n!r} ({unknown_names_message([n], acts)})"
             for side, n, acts in (("student", s, student_acts), ("teacher", t, teacher_acts))
             if n not in acts
         ]
         if missing:
-            raise ValueError(
-                f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}; the "
-                f"student has {sorted(student_acts)}, the teacher "
-                f"{sorted(teacher_acts)}"
-            )
+            raise ValueError(f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}")
         result.append((s, t))
     return result

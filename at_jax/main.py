@@ -7,13 +7,13 @@ cluster auto-detection: leave them unset on TPU pods, SLURM, ...).
 """
 
 import re
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from at_jax import compilation_cache, devices, runs, train
+from at_jax.errors import fail, one_line_errors
 
 __all__ = ["main", "parse_flags"]
 
@@ -28,11 +28,6 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -87,19 +82,10 @@ def main(argv):
     else:
         devices.use_cpu_cores(FLAGS.config.batch_size)  # before any JAX computation
     logging.set_verbosity(logging.WARNING)
-    try:
+    with one_line_errors(train.TrainingDiverged, runs.CheckpointError):
         compilation_cache.use_compilation_cache(FLAGS.config.compilation_cache_dir)
         with train.exit_when_stopped():  # SIGTERM/SIGINT: exit as the signal would
             results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (
-        ValueError,
-        KeyError,
-        FileNotFoundError,
-        ImportError,
-        train.TrainingDiverged,
-        runs.CheckpointError,
-    ) as e:
-        fail(str(e))
     if jax.process_index() == 0:
         print(
             f"final test error {results['final_test_error']:.2f}% "

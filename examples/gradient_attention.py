@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from _common import fashion_mnist, fit, report_test_error
+from at_jax.errors import one_line_errors
 from at_jax.gradient import grad_at_loss, input_gradient, symmetry_loss
 from at_jax.losses import cross_entropy
 
@@ -69,4 +70,5 @@ def main(steps, beta=1.0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
-    main(parser.parse_args().steps)
+    with one_line_errors():  # a user's mistake: one line, no traceback
+        main(parser.parse_args().steps)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from _common import fashion_mnist, fit, report_test_error
 from at_jax.capture import capture
+from at_jax.errors import one_line_errors
 from at_jax.losses import at_losses, cross_entropy, kd_loss
 
 
@@ -63,4 +64,5 @@ def main(steps):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
-    main(parser.parse_args().steps)
+    with one_line_errors():  # a user's mistake: one line, no traceback
+        main(parser.parse_args().steps)

@@ -9,6 +9,7 @@ plain Linen CNN whose stages match the teacher's WRN groups in resolution.
 """
 
 import argparse
+import os
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ from _common import fit, report_test_error
 from at_jax.analysis import attention_distance
 from at_jax.capture import model_fn
 from at_jax.data import load_dataset
+from at_jax.errors import fail, one_line_errors
 from at_jax.losses import at_losses, kd_loss
 from at_jax.runs import load_teacher
 
@@ -65,4 +67,10 @@ if __name__ == "__main__":
     parser.add_argument("--run", default="runs/demo/teacher-wrn-16-2")
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    main(args.run, args.steps)
+    if not os.path.isfile(os.path.join(args.run, "config.json")):
+        fail(
+            f"no trained run in {args.run}: run `make demo` first (it trains "
+            "runs/demo/teacher-wrn-16-2, the default --run), or pass --run DIR"
+        )
+    with one_line_errors():  # a user's mistake: one line, no traceback
+        main(args.run, args.steps)

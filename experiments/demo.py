@@ -21,6 +21,7 @@ from scipy import stats
 from at_jax import devices, recipes, runs as run_lib, train
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import load_dataset
+from at_jax.errors import one_line_errors
 from at_jax.figures import attention_figure
 from at_jax.metrics import read_jsonl, write_json_atomic
 from configs import fashion_mnist
@@ -153,6 +154,12 @@ def print_table(rows: list, n_train: int, n_test: int, seeds: int) -> None:
 
 
 def main(argv):
+    # a missing dataset or a bad flag: one line that says what to do, not a traceback
+    with one_line_errors(train.TrainingDiverged, run_lib.CheckpointError):
+        demo(argv)
+
+
+def demo(argv):
     del argv
     devices.use_cpu_cores(BATCH)  # one CPU device per core: XLA runs each convolution on one thread
     use_compilation_cache(FLAGS.compilation_cache_dir)

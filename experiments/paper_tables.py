@@ -32,7 +32,9 @@ from absl import app, flags, logging
 
 from at_jax import devices, train
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
+from at_jax.errors import one_line_errors
 from at_jax.metrics import read_jsonl, write_json_atomic
+from at_jax.runs import CheckpointError
 from configs import cifar10, cifar100, fashion_mnist, table3
 
 DATASET_CONFIGS = {"cifar10": cifar10, "cifar100": cifar100, "fashion_mnist": fashion_mnist}
@@ -413,8 +415,12 @@ def main(argv):
             *tuple(k for k, v in options.items() if v and k != "seeds"),
         )
     )
-    # SIGTERM/SIGINT: the run in progress saves a checkpoint, and the table runner stops
-    with train.exit_when_stopped(" (run the same command to go on with the table)"):
+    # SIGTERM/SIGINT: the run in progress saves a checkpoint, and the table runner stops; a
+    # missing dataset or teacher: one line
+    with (
+        one_line_errors(train.TrainingDiverged, CheckpointError),
+        train.exit_when_stopped(" (run the same command to go on with the table)"),
+    ):
         make_table(table, FLAGS.dataset, FLAGS.root, options, pairs, command)
     stem = os.path.join(FLAGS.root, f"table{table}_{FLAGS.dataset}")
     with open(stem + ".md") as f:

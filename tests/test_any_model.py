@@ -76,7 +76,8 @@ def test_capture_linen_gives_submodule_outputs_and_apply_output(linen):
     with pytest.raises(
         ValueError,
         match=r"no submodule or sown value \['encoder/block9'\]; "
-        r"available: \[.*'encoder/block1'.*'stage1'",
+        r"closest: \['encoder/block2', 'encoder/block1'.*'stage1'.*"
+        r"at_jax.capture.paths\(model, x, variables=variables\)",
     ):
         capture(model, x, names=["encoder/block9"], variables=variables)
 
