@@ -14,7 +14,7 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint fmt docs data bench clean
 
-SOURCES := at_jax configs experiments tests examples docs/conf.py
+SOURCES := at_jax configs experiments tests examples benchmarks docs/conf.py
 
 # The tests also read PyTorch-written checkpoints (at_jax.convert): TORCH is the pip requirement
 # for them (here, the CPU wheel on local disk). `make test TORCH=` leaves torch out: those tests

@@ -77,7 +77,8 @@ def _token_hint(shape: tuple) -> str:
     )
     return (
         f"a 3-D array {tuple(shape)} looks like (B, N, D) tokens, not a feature map: {grid}"
-        "then the grid is a feature map (B, h, w, D)"
+        "then the grid is a feature map (B, h, w, D). Attention maps take 4-D batches of "
+        "feature maps: NHWC, or NCHW with channel_axis=1"
     )
 
 

@@ -232,8 +232,9 @@ def paths(model: Any, x: Any, *, variables: Any = None, **call_kwargs: Any) -> d
     left as it was (NNX: run on a copy).
 
     Args:
-      model, x, variables, **call_kwargs: as :func:`capture` (``train=True`` shows the names of
-        a train-mode call).
+      model, x, variables: as :func:`capture`.
+      call_kwargs: as :func:`capture`'s (``train=True`` shows the names of a train-mode
+        call).
 
     Example::
 

@@ -300,12 +300,18 @@ def pair_activations(
             s, t = (part.strip() for part in item.split(":", 1)) if ":" in item else (item, item)
         else:
             s, t = tuple(item)
-        missing = [
-            f"the {side} has no {n!r} ({unknown_names_message([n], acts)})"
+        sides = [
+            (side, n, acts)
             for side, n, acts in (("student", s, student_acts), ("teacher", t, teacher_acts))
             if n not in acts
         ]
-        if missing:
-            raise ValueError(f"cannot pair {s!r} with {t!r}: {' and '.join(missing)}")
+        if sides:
+            raise ValueError(
+                f"cannot pair {s!r} with {t!r}: "
+                + " and ".join(f"the {side} has no {n!r}" for side, n, _ in sides)
+                + "".join(
+                    f"; the {side}'s {unknown_names_message([n], acts)}" for side, n, acts in sides
+                )
+            )
         result.append((s, t))
     return result
