@@ -102,20 +102,16 @@ def environment() -> dict:
     }
 
 
+def at_step(p: dict, dtype: str = "float32", seeds: int = 1) -> dict:
+    """at_jax's AT step on the pair, shapes and batch of ``p`` (``at_jax.bench.run``)."""
+    return bench.run(
+        "at", p["student"], p["teacher"], p["batch"], p["steps"], dtype=dtype, seeds=seeds,
+        image_size=p["image_size"], dataset_size=p["dataset_size"],
+    )  # fmt: skip
+
+
 def at_steps(p: dict, done: dict) -> dict:
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        out[dtype] = bench.run(
-            "at",
-            p["student"],
-            p["teacher"],
-            p["batch"],
-            p["steps"],
-            dtype=dtype,
-            image_size=p["image_size"],
-            dataset_size=p["dataset_size"],
-        )
-    return out
+    return {dtype: at_step(p, dtype) for dtype in ("float32", "bfloat16")}
 
 
 def torch_steps(p: dict, done: dict) -> dict:
@@ -150,33 +146,14 @@ def seeds(p: dict, done: dict) -> dict:
         if k == 1 and "at_step" in done:  # one seed: the float32 AT step, already measured
             out["1"] = done["at_step"]["float32"]
             continue
-        out[str(k)] = bench.run(
-            "at",
-            p["student"],
-            p["teacher"],
-            p["batch"],
-            p["steps"],
-            seeds=k,
-            image_size=p["image_size"],
-            dataset_size=p["dataset_size"],
-        )
+        out[str(k)] = at_step(p, seeds=k)
     one = out[str(p["seeds"][0])]["images_per_s"]
     out["speedup_vs_one_seed"] = {k: v["images_per_s"] / one for k, v in out.items()}
     return out
 
 
 def imagenet_step(p: dict, done: dict) -> dict:
-    q = p["imagenet"]
-    return bench.run(
-        "at",
-        q["student"],
-        q["teacher"],
-        q["batch"],
-        q["steps"],
-        dtype="bfloat16",
-        image_size=q["image_size"],
-        dataset_size=q["dataset_size"],
-    )
+    return at_step(p["imagenet"], dtype="bfloat16")
 
 
 SECTIONS: dict[str, Callable[[dict, dict], dict]] = {  # (params, the sections done)
