@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.attention import attention_map, common_size, safe_norm
-from at_jax.data.augment import normalize
 from at_jax.losses import Pairs, pair_activations
 from at_jax.models import forward
+from at_jax.preprocess import normalize
 
 __all__ = ["attention_distance", "pair_distances", "as_model_fn", "preprocess_for"]
 

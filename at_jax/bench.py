@@ -21,7 +21,7 @@ from absl import app, flags
 
 from at_jax import devices, recipes, step as step_lib
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
-from at_jax.data import CIFAR_MEAN, CIFAR_STD
+from at_jax.data import CIFAR_MEAN, CIFAR_STD, DataSpec
 from at_jax.errors import one_line_errors
 from at_jax.models import get_model
 from at_jax.sharding import sharded
@@ -97,8 +97,9 @@ def run(
     if method != "ce" and method not in ("min_l2", "symmetry"):
         t_model = get_model(teacher_name, num_classes=10)
         t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))
-    st = step_lib.Step(
-        config, 10, shape, CIFAR_MEAN, CIFAR_STD, dataset_size // batch, t_model, t_vars
+    spec = DataSpec(10, shape, CIFAR_MEAN, CIFAR_STD)
+    st = step_lib.Step.from_config(
+        config, spec, dataset_size // batch, teacher_model=t_model, teacher_variables=t_vars
     )
     t_vars = jax.device_put(t_vars, st.replicated)
     rng = np.random.default_rng(0)

@@ -33,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from at_jax import recipes, runs
-from at_jax.data import dataset_num_classes
-from at_jax.data.catalog import dataset_info
-from at_jax.metrics import write_json_atomic
+from at_jax import recipes
+from at_jax.checkpoints import Checkpoints
+from at_jax.data.catalog import dataset_spec
+from at_jax.files import write_json_atomic
 from at_jax.models import from_torchvision, get_model
 from at_jax.naming import natural_sorted
+from at_jax.rundir import CHECKPOINT_DIR, CONFIG_FILE
+from at_jax.teacher import write_data_info
 
 __all__ = [
     "convert",
@@ -166,8 +168,8 @@ def write_run(
     source: dict,
 ) -> None:
     """Write ``workdir`` as a run directory: config.json and a step-0 checkpoint (one seed)."""
-    if os.path.exists(os.path.join(workdir, runs.CONFIG_FILE)) or os.path.isdir(
-        os.path.join(workdir, runs.CHECKPOINT_DIR)
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or os.path.isdir(
+        os.path.join(workdir, CHECKPOINT_DIR)
     ):
         raise ConversionError(
             f"{workdir!r} already holds a run; choose a new --workdir or delete it first"
@@ -177,7 +179,8 @@ def write_run(
     config.data.name = dataset
     config.data.image_size = image_size
     config.num_epochs = 0
-    known = dataset_num_classes(config)
+    spec = dataset_spec(config)
+    known = spec.num_classes
     if known not in (None, num_classes):
         raise ConversionError(
             f"--dataset {dataset} has {known} classes but the weights have "
@@ -190,7 +193,7 @@ def write_run(
         "params": {"student": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["params"])},
         "batch_stats": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["batch_stats"]),
     }
-    checkpoints = runs.Checkpoints(workdir, keep=1, streamed=False)
+    checkpoints = Checkpoints(workdir, keep=1)
     try:
         checkpoints.save(0, {"train_state": state}, {"converted_from": source})
         checkpoints.wait()
@@ -198,9 +201,8 @@ def write_run(
         checkpoints.close()
     saved = json.loads(config.to_json())
     saved["converted_from"] = source
-    write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), saved)
-    info = dataset_info(config)
-    runs.write_data_info(workdir, num_classes, info["image_shape"], info["mean"], info["std"])
+    write_json_atomic(os.path.join(workdir, CONFIG_FILE), saved)
+    write_data_info(workdir, spec.with_classes(num_classes))
 
 
 def convert(

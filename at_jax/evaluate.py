@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.analysis import pair_distances
-from at_jax.data.augment import normalize
 from at_jax.metrics import error_counts
 from at_jax.models import forward
+from at_jax.preprocess import normalize
 from at_jax.seeds import map_seeds
 
-__all__ = ["make_eval_fn", "evaluate", "student_variables"]
+__all__ = ["make_eval_fn", "student_eval_fn", "evaluate", "student_variables"]
 
 
 def make_eval_fn(
@@ -94,3 +94,18 @@ def evaluate(
         result.update(distances)
         result["attention/mean"] = np.mean(np.stack(list(distances.values())), axis=0)
     return result
+
+
+def student_eval_fn(step: Any) -> Callable:
+    """The evaluator of a run's :class:`~at_jax.step.Step`: every seed of its student, and the
+    attention distance to its teacher at the step's transfer points (when it has a teacher)."""
+    return make_eval_fn(
+        step.model,
+        step.spec.mean,
+        step.spec.std,
+        step.dtype,
+        seeds=step.num_seeds,
+        teacher_model=step.teacher_model,
+        pairs=step.attention_pairs(),
+        seed_strategy=step.seed_strategy(),
+    )

@@ -12,8 +12,8 @@ import numpy as np
 
 from at_jax.analysis import Preprocess, as_model_fn, preprocess_for
 from at_jax.attention import spatial_map
-from at_jax.data.augment import normalize
 from at_jax.naming import unknown_names_message
+from at_jax.preprocess import normalize
 
 __all__ = ["attention_figure"]
 

@@ -1,5 +1,6 @@
-"""Fine-tuning: a student that starts from another run's weights (:func:`plan`, :func:`merge`),
-with parts of it frozen (:func:`frozen_paths`, :func:`optimizer`).
+"""Fine-tuning: a student that starts from another run's weights
+(:func:`classifier_paths_to_replace`, :func:`merge`), with parts of it frozen
+(:func:`frozen_paths`; the optimiser skips them: :func:`at_jax.optim.mask_frozen`).
 
 * ``config.init_from``: a run directory — a trained at_jax run, or one made from torchvision
   weights by ``python -m at_jax.convert`` — whose parameters and BN statistics start the student.
@@ -13,20 +14,17 @@ with parts of it frozen (:func:`frozen_paths`, :func:`optimizer`).
   scale/offset are not trained.
 
 Frozen parameters get no update at all (no gradient step, no weight decay, no momentum):
-:func:`optimizer` routes them to ``optax.set_to_zero`` with ``optax.multi_transform``.
+:func:`at_jax.optim.mask_frozen` routes them to ``optax.set_to_zero``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-import jax
-import optax
 from flax import traverse_util
 
 from at_jax.naming import natural_key, natural_sorted
-
-FROZEN, TRAINED = "frozen", "trained"
 
 
 def _in_modules(name: str, modules) -> bool:
@@ -54,12 +52,15 @@ def check_modules(modules, params: dict, model_name: str) -> None:
         )
 
 
-def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
-    """Paths (within the student's ``params``) of the parameters that are not trained."""
-    freeze = config.get("freeze", {})
+def frozen_paths(
+    freeze: Any, variables: dict, model_name: str = "the model"
+) -> set[tuple[str, ...]]:
+    """Paths (within the student's ``params``) of the parameters that ``freeze``
+    (``config.freeze``: ``modules``, ``batch_norm``) leaves untrained."""
+    freeze = freeze or {}
     modules = module_names(freeze.get("modules", ()))
     params = variables["params"]
-    check_modules(modules, params, config.model)
+    check_modules(modules, params, model_name)
     bn_modules = (
         {path[:-1] for path in traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))}
         if freeze.get("batch_norm", False)
@@ -72,26 +73,10 @@ def frozen_paths(config, variables: dict) -> set[tuple[str, ...]]:
     }
 
 
-def optimizer(tx: optax.GradientTransformation, frozen: set) -> optax.GradientTransformation:
-    """``tx`` for the trained parameters, nothing for the ``frozen`` student paths. The train
-    state's params are ``{"student": ..., "terms": ...}``; the terms' parameters are trained."""
-    if not frozen:
-        return tx
-
-    def labels(params):
-        def label(path, _):
-            keys = tuple(str(k.key) for k in path)
-            return FROZEN if keys[0] == "student" and keys[1:] in frozen else TRAINED
-
-        return jax.tree_util.tree_map_with_path(label, params)
-
-    return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, labels)
-
-
 # --------------------------------------------------------------------------- init_from
 
 
-def plan(
+def classifier_paths_to_replace(
     fresh: dict, pretrained: dict, model_name: str, num_classes: int, source: str
 ) -> set[tuple[str, ...]]:
     """Check that ``pretrained`` variables fit the model whose initial variables are ``fresh``
@@ -126,6 +111,9 @@ def plan(
     return replaced
 
 
+plan = classifier_paths_to_replace  # its name before 2026-12: kept for code that calls it
+
+
 def merge(fresh: dict, pretrained: dict, replaced: set) -> dict:
     """``pretrained`` with the ``replaced`` paths taken from ``fresh`` (works under jit)."""
     new = traverse_util.flatten_dict(dict(fresh))
@@ -154,8 +142,7 @@ def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
 __all__ = [
     "check_modules",
     "frozen_paths",
-    "optimizer",
-    "plan",
+    "classifier_paths_to_replace",
     "merge",
     "describe",
     "trainable_count",

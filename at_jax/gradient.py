@@ -62,7 +62,14 @@ __all__ = [
     "as_logits_fn",
     "flip",
     "per_example_norm",
+    "BN_MODES",
 ]
+
+# Batch norm in the input-gradient pass of the gradient terms of at_jax's train step
+# (config.gradient.bn_mode; the paper's open question): "batch_stats" — the training forward
+# itself (batch statistics; running statistics updated once); "frozen" — a separate forward with
+# the running statistics (eval-mode BN).
+BN_MODES = ("batch_stats", "frozen")
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Model = Union[LogitsFn, nnx.Module]

@@ -2,7 +2,7 @@
 :func:`kd_loss`, :func:`factt_loss` from any training code (they compose with ``jax.jit``,
 ``jax.grad`` and ``jax.vmap``).
 
-Formulas (REFERENCE.md; Q = the attention map of :func:`at_jax.attention.attention_map`)::
+Formulas (docs/reference.md; Q = the attention map of :func:`at_jax.attention.attention_map`)::
 
     at_loss  "code":  mean over batch and positions of (Q_S/||Q_S|| − Q_T/||Q_T||)²
                       (the reference code's ``at_loss``; weight it with β = 1e3)

@@ -1,13 +1,12 @@
 """A run's numbers: error counts on the device (:func:`error_counts`), metric rows
 (:func:`epoch_row`, :func:`window_row`), and where they go: JSON lines and TensorBoard event
-files (:class:`MetricsWriter`; tensorboardX, no TensorFlow) and an atomically written
-``results.json`` (:func:`write_json_atomic`)."""
+files (:class:`MetricsWriter`; tensorboardX, no TensorFlow). Writing files atomically is
+:mod:`at_jax.files`."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -16,21 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
+# read_jsonl and write_json_atomic lived here before at_jax.files: importable from here too
+from at_jax.files import read_jsonl, write_json_atomic, write_json_lines_atomic  # noqa: F401
+from at_jax.rundir import METRICS_FILE, RESULTS_FILE
+
 __all__ = [
     "error_counts",
     "MetricsWriter",
     "epoch_row",
     "window_row",
+    "run_results",
     "train_means",
-    "read_jsonl",
-    "write_json_atomic",
-    "write_json_lines_atomic",
     "METRICS_FILE",
     "RESULTS_FILE",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 # metrics that are counts over the steps (reported as totals, not as means per example)
 COUNTS = ("train/skipped_images",)
 
@@ -50,31 +49,6 @@ def error_counts(
         "top5_errors": jnp.sum(topk * mask),
         "count": jnp.sum(mask),
     }
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: drop it
-                    break
-    return rows
 
 
 class MetricsWriter:
@@ -186,10 +160,46 @@ def window_row(sums, step: int, steps_per_epoch: int, lr: float, seconds: float)
     return row
 
 
-def write_json_lines_atomic(path: str, rows: list[dict]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def run_results(
+    history: list[dict],
+    facts: Mapping[str, Any],
+    teacher_eval: Optional[dict],
+    wall_time: float,
+    skipped_files: Optional[list[str]] = None,
+) -> dict[str, Any]:
+    """A run's ``results.json`` from its epoch rows: final and best test errors (median over
+    seeds, and per seed), attention distances, skipped images, the teacher's errors; ``facts``:
+    what identifies the run (``config_hash``, ``model``, ``dataset``, ``loss_terms``)."""
+    evaluated = [r for r in history if "test/error" in r]
+    per_seed = np.asarray([r.get("test/error_per_seed", [r["test/error"]]) for r in evaluated])
+    top5 = np.asarray(
+        [r.get("test/top5_error_per_seed", [r["test/top5_error"]]) for r in evaluated]
+    )
+    final, best = per_seed[-1].tolist(), per_seed.min(axis=0).tolist()
+    out = {
+        "final_test_error": float(np.median(final)),
+        "best_test_error": float(np.median(best)),
+        "final_test_top5_error": float(np.median(top5[-1])),
+        "best_test_top5_error": float(np.median(top5.min(axis=0))),
+        "epochs": history[-1]["epoch"],
+        "wall_time_s": wall_time,
+        **facts,
+    }
+    if len(final) > 1:
+        out["final_test_error_per_seed"] = final
+        out["best_test_error_per_seed"] = best
+    distances = {
+        k[len("test/attention/") :]: v
+        for k, v in evaluated[-1].items()
+        if k.startswith("test/attention/")
+    }
+    if distances:
+        distances["mean"] = evaluated[-1]["test/attention_distance"]
+        out["final_attention_distance"] = distances
+    if "train/skipped_images" in history[-1]:
+        out["skipped_images"] = int(sum(r.get("train/skipped_images", 0.0) for r in history))
+        out["skipped_files"] = list(skipped_files or [])[:10]
+    if teacher_eval is not None:
+        out["teacher_test_error"] = teacher_eval["error"]
+        out["teacher_test_top5_error"] = teacher_eval["top5_error"]
+    return out

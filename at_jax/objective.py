@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from at_jax import gradient, losses
 
 __all__ = [
+    "ActiveTerms",
     "make_objective",
     "register_term",
     "StepOutputs",
@@ -128,7 +129,17 @@ def term_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in _SPEC_KEYS}
 
 
-def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+class ActiveTerms(dict):
+    """The active terms of a checked objective spec (what :func:`validate_terms` returns):
+    ``make_objective``, ``needs_teacher`` and ``term_modules`` take it as it is, without
+    checking it again."""
+
+
+def _active(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
+    return spec if isinstance(spec, ActiveTerms) else validate_terms(spec)
+
+
+def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
     """Check an objective spec ``{term: {'weight': w, 'weight_schedule': s, 'start_epoch': e,
     **options}}`` and return its active terms (weight ≠ 0).
 
@@ -136,7 +147,7 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
     100); before that its weight is 0 (its value is still measured). Raises ``ValueError``
     naming the unknown term or option.
     """
-    active = {}
+    active = ActiveTerms()
     for name, options in spec.items():
         options = dict(options)
         if name not in _TERMS:
@@ -170,7 +181,7 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
 
 def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether an active term of ``spec`` needs a teacher."""
-    return any(name in _TEACHER_TERMS for name in validate_terms(spec))
+    return any(name in _TEACHER_TERMS for name in _active(spec))
 
 
 def term_modules(
@@ -180,7 +191,7 @@ def term_modules(
 ) -> dict[str, nn.Module]:
     """The parameterised modules of the active terms of ``spec``, by term name."""
     modules = {}
-    for name, options in validate_terms(spec).items():
+    for name, options in _active(spec).items():
         if name in _MODULES:
             module = _MODULES[name](student_acts, teacher_acts, **term_options(options))
             if module is not None:
@@ -200,7 +211,7 @@ def make_objective(
                                     "at": {"weight": 1e3, "pairs": "groups"}})
         loss, measurements = objective(step_outputs)
     """
-    active = validate_terms(spec)
+    active = _active(spec)
 
     def objective(out: StepOutputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         total = jnp.zeros((), jnp.float32)

@@ -1,4 +1,6 @@
-"""Stopping a run cleanly on SIGTERM (preemption) and SIGINT (Ctrl-C): :class:`StopSignals`.
+"""Stopping a run cleanly on SIGTERM (preemption) and SIGINT (Ctrl-C): :class:`StopSignals`,
+and how a run says it stopped: :class:`Stopped` (a signal; the CLI exits with 128 + its number,
+:func:`exit_when_stopped`) and :class:`TrainingDiverged` (a NaN/Inf loss).
 
 Preemptible TPU VMs and spot GPUs announce preemption with SIGTERM a little before the machine
 goes. Within :class:`StopSignals`, the first SIGTERM or SIGINT only asks the training loop to
@@ -14,21 +16,66 @@ for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Optional
 
 import jax
 from jax.experimental import multihost_utils
 
-__all__ = ["StopSignals", "signal_name"]
+__all__ = [
+    "StopSignals",
+    "signal_name",
+    "Stopped",
+    "TrainingDiverged",
+    "exit_when_stopped",
+    "stopped_before_training",
+]
 
 
 def signal_name(signum: int) -> str:
     """``"SIGTERM"`` for 15, etc."""
     return signal.Signals(signum).name
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM or SIGINT after saving a checkpoint; rerunning the same
+    command resumes it. ``exit_code`` is 128 + the signal number, what a process killed by it
+    would return."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def stopped_before_training(signum: int) -> Stopped:
+    """:class:`Stopped` for a signal that came before the first step (nothing to save)."""
+    return Stopped(
+        signum,
+        f"stopped by {signal_name(signum)} before training started; nothing new to save; "
+        "run the same command to continue",
+    )
+
+
+@contextlib.contextmanager
+def exit_when_stopped(note: str = "") -> Iterator[None]:
+    """For command-line programs: a :class:`Stopped` run ends the process with its one line
+    (and ``note``) on stderr and its exit code, 128 + the signal, without a traceback."""
+    try:
+        yield
+    except Stopped as e:
+        print(f"{e}{note}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 class StopSignals:

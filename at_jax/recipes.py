@@ -14,6 +14,7 @@ mean ("code" mode) and one loss per group. :func:`table1_recipe` adds what the r
 code did beyond the base recipe.
 
 Config files (``configs/*.py``) import only this module, so that they load from any directory.
+:func:`validate_config` checks a whole config once, before a run builds anything.
 """
 
 from __future__ import annotations
@@ -23,8 +24,25 @@ from typing import Any
 import ml_collections
 
 from at_jax.compilation_cache import default_cache_dir
+from at_jax.data import DATASETS, STREAMED
+from at_jax.data.config import default_data_config
+from at_jax.data.transforms import ON_BAD_IMAGE
+from at_jax.gradient import BN_MODES
+from at_jax.models.build import DTYPES
+from at_jax.objective import ActiveTerms, validate_terms
+from at_jax.optim import OPTIMIZERS
+from at_jax.seeds import SEED_STRATEGIES
 
-__all__ = ["base_config", "apply_method", "table1_recipe", "set_path", "METHODS", "BETA"]
+__all__ = [
+    "base_config",
+    "validate_config",
+    "validate_with_data",
+    "apply_method",
+    "table1_recipe",
+    "set_path",
+    "METHODS",
+    "BETA",
+]
 
 BETA = 1e3
 
@@ -50,25 +68,13 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The reference CIFAR recipe (REFERENCE.md): SGD 0.9, lr 0.1, wd 5e-4, batch 128, 200
+    """The reference CIFAR recipe (docs/reference.md): SGD 0.9, lr 0.1, wd 5e-4, batch 128, 200
     epochs, lr × 0.2 at 60/120/160, reflect-pad-4 crop + flip; a WRN-16-1 trained alone."""
     config = ml_collections.ConfigDict()
     config.model = "wrn-16-1"
     config.model_overrides = ml_collections.ConfigDict()  # e.g. batch_norm=False for NIN
 
-    config.data = ml_collections.ConfigDict()
-    # In memory: cifar10 | cifar100 | fashion_mnist | mnist. Streamed (Grain): imagefolder |
-    # cub | scenes | imagenet2012 | caltech_birds2011 (the last two prepared by TFDS).
-    config.data.name = "cifar10"
-    config.data.source = "auto"  # in-memory sets: auto (local, then TFDS) | local | tfds
-    config.data.data_dir = ""  # where local files are (or the TFDS data_dir)
-    config.data.train_size = 0  # > 0: use only the first N training examples
-    config.data.test_size = 0
-    config.data.augment = ml_collections.ConfigDict({"crop_pad": 4, "flip": True})
-    config.data.image_size = 224  # streamed sets: training crop / evaluation size
-    config.data.num_workers = 2  # streamed sets: Grain worker processes (0: in-process)
-    config.data.read_threads = 1  # streamed sets: threads per worker (batches in flight)
-    config.data.prefetch = 2  # streamed sets: batches put on the devices ahead
+    config.data = default_data_config()  # at_jax.data.config: what each key means
 
     config.teacher = ml_collections.ConfigDict({"workdir": "", "seed_index": 0})
 
@@ -171,3 +177,129 @@ def table1_recipe(
     config.model_overrides = {"bn_scale_init": "uniform"}
     config.loss.kd.legacy = legacy_kd
     return apply_method(config, method, teacher_workdir)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Problems:
+    """Every problem of a config, collected to be reported at once."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config, self.found = config, list[str]()
+
+    def need(self, ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value: Any = self.config
+            for part in key.split("."):
+                value = value.get(part) if hasattr(value, "get") else None
+            self.found.append(f"config.{key} must be {what}, got {value!r}")
+
+    def value(self, key: str, default: Any = None) -> Any:
+        node: Any = self.config
+        for part in key.split("."):
+            node = node.get(part, default) if hasattr(node, "get") else default
+        return node
+
+
+def _check_run(p: _Problems) -> None:
+    for key in (
+        "batch_size",
+        "num_epochs",
+        "eval_batch_size",
+        "num_seeds",
+        "keep_checkpoints",
+        "eval_every_epochs",
+        "checkpoint_every_epochs",
+    ):
+        p.need(_positive_int(p.value(key)), key, "an integer >= 1")
+    for key in ("log_every_steps", "checkpoint_every_steps"):
+        value = p.value(key)
+        p.need(isinstance(value, int) and value >= 0, key, "an integer >= 0 (0 = off)")
+    p.need(isinstance(p.value("seed"), int), "seed", "an integer")
+    p.need(
+        p.value("seed_strategy") in SEED_STRATEGIES, "seed_strategy", f"one of {SEED_STRATEGIES}"
+    )
+    p.need(p.value("dtype") in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+    bn_mode = p.value("gradient.bn_mode", "batch_stats")
+    p.need(bn_mode in BN_MODES, "gradient.bn_mode", f"one of {BN_MODES}")
+    seed_index = p.value("teacher.seed_index", 0)
+    p.need(isinstance(seed_index, int) and seed_index >= 0, "teacher.seed_index", "an integer >= 0")
+
+
+def _check_data(p: _Problems) -> None:
+    known = (*DATASETS, *STREAMED)
+    p.need(p.value("data.name") in known, "data.name", f"one of {', '.join(known)}")
+    p.need(
+        p.value("data.source") in ("auto", "local", "tfds"), "data.source", "auto, local or tfds"
+    )
+    for key in ("train_size", "test_size", "num_workers"):
+        value = p.value(f"data.{key}")
+        p.need(isinstance(value, int) and value >= 0, f"data.{key}", "an integer >= 0")
+    for key in ("read_threads", "prefetch"):
+        p.need(_positive_int(p.value(f"data.{key}")), f"data.{key}", "an integer >= 1")
+    size = p.value("data.image_size")
+    p.need(isinstance(size, int) and size >= 8, "data.image_size", "an integer >= 8")
+    on_bad = p.value("data.on_bad_image", "error")
+    p.need(on_bad in ON_BAD_IMAGE, "data.on_bad_image", f"one of {ON_BAD_IMAGE}")
+    crop_pad = p.value("data.augment.crop_pad")
+    p.need(isinstance(crop_pad, int) and crop_pad >= 0, "data.augment.crop_pad", "an integer >= 0")
+
+
+def _check_optimizer(p: _Problems) -> None:
+    p.need(p.value("optimizer.name") in OPTIMIZERS, "optimizer.name", f"one of {list(OPTIMIZERS)}")
+    lr = p.value("optimizer.lr")
+    p.need(_number(lr) and lr > 0, "optimizer.lr", "a number > 0")
+    momentum = p.value("optimizer.momentum")
+    p.need(_number(momentum) and 0 <= momentum < 1, "optimizer.momentum", "a number in [0, 1)")
+    decay = p.value("optimizer.weight_decay")
+    p.need(_number(decay) and decay >= 0, "optimizer.weight_decay", "a number >= 0")
+    factor = p.value("optimizer.lr_decay_factor")
+    p.need(_number(factor) and factor > 0, "optimizer.lr_decay_factor", "a number > 0")
+    epochs = p.value("optimizer.lr_decay_epochs", ())
+    p.need(
+        all(isinstance(e, int) and e >= 0 for e in epochs),
+        "optimizer.lr_decay_epochs",
+        "integers >= 0",
+    )
+    reference = p.value("optimizer.lr_batch_size", 0)
+    p.need(
+        isinstance(reference, int) and reference >= 0,
+        "optimizer.lr_batch_size",
+        "an integer >= 0 (0 = lr as given)",
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ActiveTerms:
+    """Check every value of ``config`` that can be checked without the data, before anything is
+    built, and return the objective's active terms (checked once here; pass them on).
+
+    Raises ``ValueError`` naming every key that is wrong, what it got and what it takes."""
+    problems = _Problems(config)
+    for check in (_check_run, _check_data, _check_optimizer):
+        check(problems)
+    if problems.found:
+        raise ValueError("; ".join(problems.found))
+    return validate_terms(dict(config.loss))
+
+
+def validate_with_data(config: ml_collections.ConfigDict, n_train: int, n_devices: int) -> None:
+    """The checks that need the opened data (its size) and the mesh (its device count)."""
+    if config.batch_size > n_train:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be between 1 and the "
+            f"number of training examples ({n_train})"
+        )
+    if config.batch_size % n_devices:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{n_devices} devices of the mesh; use a multiple of {n_devices}"
+        )

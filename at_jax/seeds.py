@@ -12,16 +12,46 @@ unrolled call per seed in the same program.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PRNG_IMPL", "SEED_STRATEGIES", "make_key", "map_seeds"]
+__all__ = ["PRNG_IMPL", "SEED_STRATEGIES", "Seeds", "make_key", "map_seeds", "resolve_strategy"]
 
 PRNG_IMPL = "rbg"
 SEED_STRATEGIES = ("auto", "vmap", "unroll")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+    """The seeds of one program (``config.num_seeds`` of them from ``config.seed`` on, computed
+    as ``config.seed_strategy`` says: see :func:`resolve_strategy`)."""
+
+    count: int = 1
+    first: int = 0
+    strategy: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: Any) -> Seeds:
+        return cls(
+            int(config.get("num_seeds", 1)),
+            int(config.get("seed", 0)),
+            str(config.get("seed_strategy", "auto")),
+        )
+
+
+def resolve_strategy(strategy: str, platform: str) -> str:
+    """How the seeds of one program are computed on ``platform``: "auto" is "unroll" on CPU
+    (``jax.vmap`` turns per-seed convolutions into grouped ones, which XLA:CPU runs slowly; one
+    step per seed in the same program keeps every core busy) and "vmap" elsewhere. The "rbg"
+    PRNG draws differently under ``vmap``, so each strategy is deterministic on its own;
+    unrolled, seed ``s`` of a run is exactly the single-seed run with ``config.seed + s``."""
+    if strategy == "auto":
+        return "unroll" if platform == "cpu" else "vmap"
+    return strategy
 
 
 def make_key(seed_or_data: int | jax.Array) -> jax.Array:

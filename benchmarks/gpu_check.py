@@ -41,7 +41,7 @@ import jax
 
 from at_jax import bench
 from at_jax.errors import one_line_errors
-from at_jax.metrics import write_json_atomic
+from at_jax.files import write_json_atomic
 
 FULL = {
     "student": "wrn-16-1",

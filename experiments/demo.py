@@ -23,7 +23,7 @@ from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import load_dataset
 from at_jax.errors import one_line_errors
 from at_jax.figures import attention_figure
-from at_jax.metrics import read_jsonl, write_json_atomic
+from at_jax.files import read_jsonl, write_json_atomic
 from configs import fashion_mnist
 
 FLAGS = flags.FLAGS

@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from at_jax import devices, train
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.errors import one_line_errors
-from at_jax.metrics import read_jsonl, write_json_atomic
+from at_jax.files import read_jsonl, write_json_atomic
 from at_jax.runs import CheckpointError
 from configs import cifar10, cifar100, fashion_mnist, table3
 

@@ -170,7 +170,7 @@ def assert_same_run(ref_dir, run_dir, rel=1e-6):
     interrupted and resumed run must share with an uninterrupted one."""
     import json
 
-    from at_jax.metrics import read_jsonl
+    from at_jax.files import read_jsonl
 
     ref_rows = read_jsonl(str(ref_dir / "metrics.jsonl"))
     rows = read_jsonl(str(run_dir / "metrics.jsonl"))

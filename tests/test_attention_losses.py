@@ -257,8 +257,8 @@ def test_attention_distance_is_zero_for_the_teacher_itself_and_grows_with_differ
     other = attention_distance((model, v2), (model, v1), images, 0.5, 0.25, batch_size=2)
     assert 0 < other["mean"] <= np.sqrt(2) + 1e-6
     # the per-image mean equals the distance computed directly on all images at once
-    from at_jax.data.augment import normalize
     from at_jax.models import forward
+    from at_jax.preprocess import normalize
 
     x = normalize(images, 0.5, 0.25)
     a1, a2 = forward(model, v1, x)[1], forward(model, v2, x)[1]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from at_jax.data import CIFAR_MEAN, CIFAR_STD, load_dataset
-from at_jax.data.augment import augment, normalize, random_crop
+from at_jax.data.augment import augment, random_crop
 from at_jax.data.local import read_idx
+from at_jax.preprocess import normalize
 from conftest import make_idx_dataset, write_idx
 
 
@@ -129,3 +130,40 @@ def test_augmentation_crop_flip_and_normalisation():
     crops = random_crop(norm, jax.random.key(3), 2)
     assert not np.allclose(crops, norm)  # some offset is not the centre
     np.testing.assert_array_equal(augment(x, key, mean, std, crop_pad=0, flip=False), norm)
+
+
+def test_in_memory_batches_follow_the_data_interface(idx_dir):
+    """Both data paths give their batches as one interface (at_jax.data.TrainBatches): the
+    in-memory batches from a step are those an uninterrupted iterator reaches there, their
+    checkpointable state is empty, and they report nothing skipped."""
+    from at_jax.data import DataSpec, open_data
+    from at_jax.sharding import data_mesh
+    from conftest import tiny_config
+
+    config = tiny_config(idx_dir, num_epochs=2)
+    data = open_data(config, data_mesh())
+    assert isinstance(data.spec, DataSpec) and data.spec.num_classes == data.num_classes == 10
+    assert data.spec.image_shape == data.image_shape and not data.counts_skipped
+    first = data.train_batches()
+    assert first.checkpoint_state is None and not first.report and data.warnings == []
+    batches = [next(first) for _ in range(data.steps_per_epoch + 2)]
+    later = data.train_batches()
+    later.start_at(data.steps_per_epoch + 1)  # across an epoch boundary
+    np.testing.assert_array_equal(next(later)["index"], batches[-1]["index"])
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        later.start_at(0)
+    first.close(), later.close()
+    assert data.describe_skipped([3, 1]) == "train example 1, train example 3"
+
+
+def test_data_spec_is_checked_and_round_trips_through_json():
+    from at_jax.data import DataSpec
+
+    spec = DataSpec(10, [28, 28, 1], [0.286], [0.353])
+    assert spec.image_shape == (28, 28, 1) and spec.mean == (0.286,)
+    assert DataSpec.from_json(spec.to_json()) == spec
+    assert DataSpec(None, (8, 8, 3), (0.5,) * 3, (0.2,) * 3).with_classes(4).class_count() == 4
+    with pytest.raises(ValueError, match="one mean and std per channel"):
+        DataSpec(10, (28, 28, 1), (0.5, 0.5, 0.5), (0.2,))
+    with pytest.raises(ValueError, match="class count of this data is not known"):
+        DataSpec(None, (8, 8, 3), (0.5,) * 3, (0.2,) * 3).class_count()

@@ -52,7 +52,7 @@ def test_running_variance_after_one_train_step_is_pytorchs(idx_dir):
     )
     data = load_dataset("fashion_mnist", "local", str(idx_dir))
     mesh = data_mesh()
-    st = step_lib.Step(config, 10, data.image_shape, data.mean, data.std, 8, mesh=mesh)
+    st = step_lib.Step.from_config(config, data.spec, 8, mesh=mesh)
     state = st.init_state()
     before = jax.device_get({"params": state.params["student"], "batch_stats": state.batch_stats})
     before = jax.tree.map(lambda a: a[0], before)  # seed 0

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from at_jax import gradient, objective
+from at_jax.data import DataSpec
 from at_jax.models import NIN, forward
+from at_jax.recipes import validate_config
 from conftest import init, tiny_config
 
 
@@ -177,7 +179,7 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
             model="nin-tiny",
             **{"gradient.bn_mode": mode, "model_overrides.dropout_rate": 0.0},
         )
-        st = step_lib.Step(config, 10, (16, 16, 1), (0.5,), (0.25,), 8)
+        st = step_lib.Step.from_config(config, DataSpec(10, (16, 16, 1), (0.5,), (0.25,)), 8)
         state = jax.jit(st.init_single)(st.seed_keys()[0])
         stats = jax.tree.map(lambda a: a + 0.5, state.batch_stats)
 
@@ -189,21 +191,14 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
         grads[mode] = input_grad(state.params, stats)
     assert not np.allclose(grads["batch_stats"], grads["frozen"])
     with pytest.raises(ValueError, match="bn_mode must be one of"):
-        step_lib.Step(
-            tiny_config(idx_dir, **{"gradient.bn_mode": "both"}),
-            10,
-            (16, 16, 1),
-            (0.5,),
-            (0.25,),
-            8,
-        )
+        validate_config(tiny_config(idx_dir, **{"gradient.bn_mode": "both"}))
 
 
 def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, teacher_dir, tmp_path, optimized):
     """The CLI's objective with every kind of term: CE, KD, AT and the input-gradient terms
     (through batch norm, bn_mode "batch_stats"), trained end to end from the shared teacher."""
     from at_jax import train
-    from at_jax.metrics import read_jsonl
+    from at_jax.files import read_jsonl
 
     config = tiny_config(
         idx_dir,

@@ -18,7 +18,7 @@ from PIL import Image
 from at_jax import train
 from at_jax.data import sources, verify
 from at_jax.data.transforms import BadImageError, EvalTransform, decode_image
-from at_jax.metrics import read_jsonl
+from at_jax.files import read_jsonl
 from conftest import make_cub, make_image_folder, streamed_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,15 +230,16 @@ def test_a_signal_after_the_last_step_keeps_the_results_and_stops_the_caller(
 ):
     """SIGINT during the final evaluation: the run finishes and saves its results, and the
     caller hears of it (Stopped), so that a driver of several runs does not start the next."""
+    from at_jax import loop
     from conftest import tiny_config
 
-    real = train._results
+    real = loop.run_results
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_results", signalled)
+    monkeypatch.setattr(loop, "run_results", signalled)
     workdir = tmp_path / "run"
     # as the CLI, the demo and the table runner call it: one line, the signal's exit code
     with pytest.raises(SystemExit) as exit_, train.exit_when_stopped(" (the demo resumes there)"):
@@ -248,7 +249,7 @@ def test_a_signal_after_the_last_step_keeps_the_results_and_stops_the_caller(
         f"stopped by SIGINT as the run finished; its results are saved in {workdir}/results.json"
         " (the demo resumes there)"
     )
-    monkeypatch.setattr(train, "_results", real)
+    monkeypatch.setattr(loop, "run_results", real)
     saved = train.train_and_evaluate(tiny_config(idx_dir), str(workdir), progress=False)
     assert saved == json.loads((workdir / "results.json").read_text())  # reused, not retrained
 

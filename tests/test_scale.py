@@ -14,7 +14,7 @@ import pytest
 from procs import group_members, wait_group_gone, wait_until
 
 from at_jax import runs, train
-from at_jax.metrics import read_jsonl
+from at_jax.files import read_jsonl
 from configs import imagenet
 from conftest import apply_flags, assert_same_run, make_image_folder
 

@@ -12,9 +12,8 @@ from PIL import Image
 
 from at_jax import runs, step as step_lib, train
 from at_jax.data import open_data, sources
-from at_jax.data.pipeline import StreamedData
 from at_jax.data.transforms import EvalTransform, TrainTransform, random_resized_crop_box
-from at_jax.metrics import read_jsonl
+from at_jax.files import read_jsonl
 from at_jax.sharding import data_mesh
 from conftest import make_cub, make_image_folder, make_scenes, streamed_config
 
@@ -134,7 +133,7 @@ def local_records(data, index, count, epoch_steps):
 
 def test_process_shards_are_disjoint_cover_the_epoch_and_form_the_same_global_batch(folder):
     config = streamed_config(folder, num_epochs=2)
-    data = StreamedData(config, data_mesh())
+    data = open_data(config, data_mesh())
     steps = data.steps_per_epoch
     assert steps == 24 // 8
     one = local_records(data, 0, 1, 2 * steps)
@@ -155,7 +154,7 @@ def test_process_shards_are_disjoint_cover_the_epoch_and_form_the_same_global_ba
     # a different permutation each epoch, reproducible from the seed
     labels = [b["label"].tolist() for b in one]
     assert labels[:steps] != labels[steps:]
-    again = local_records(StreamedData(config, data_mesh()), 0, 1, 2 * steps)
+    again = local_records(open_data(config, data_mesh()), 0, 1, 2 * steps)
     assert all((x["image"] == y["image"]).all() for x, y in zip(one, again, strict=True))
 
 
@@ -171,7 +170,7 @@ def test_eval_batches_cover_the_test_set_once_with_padding_masked(folder):
 
 def test_iterator_state_resumes_at_the_exact_next_batch(folder):
     config = streamed_config(folder, num_epochs=2, **{"data.num_workers": 2})
-    data = StreamedData(config, data_mesh())
+    data = open_data(config, data_mesh())
     it = data.train_iterator()
     for _ in range(2):
         next(it)
@@ -269,15 +268,8 @@ def test_a_term_that_owns_parameters_is_registered_like_any_other(folder, tmp_pa
     t_model, t_vars, _ = runs.load_run_variables(
         str(teacher_dir), data.num_classes, data.image_shape
     )
-    st = step_lib.Step(
-        config,
-        data.num_classes,
-        data.image_shape,
-        data.mean,
-        data.std,
-        data.steps_per_epoch,
-        t_model,
-        t_vars,
+    st = step_lib.Step.from_config(
+        config, data.spec, data.steps_per_epoch, teacher_model=t_model, teacher_variables=t_vars
     )
     assert set(st.term_modules) == {"factt"}
     assert isinstance(st.term_modules["factt"], objective.FActTAdapters)

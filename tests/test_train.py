@@ -15,7 +15,7 @@ from procs import wait_until
 from at_jax import runs, step as step_lib, train
 from at_jax.data import load_dataset
 from at_jax.data.batching import array_batches
-from at_jax.metrics import read_jsonl
+from at_jax.files import read_jsonl
 from at_jax.sharding import data_mesh, sharded
 from at_jax.train import position
 from configs import fashion_mnist
@@ -209,9 +209,7 @@ def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_unint
 
 def make_step(config, data, mesh):
     steps = len(data.train_labels) // config.batch_size
-    return step_lib.Step(
-        config, data.num_classes, data.image_shape, data.mean, data.std, steps, None, None, mesh
-    )
+    return step_lib.Step.from_config(config, data.spec, steps, mesh=mesh)
 
 
 def test_sharded_step_equals_single_device(idx_dir):
@@ -389,3 +387,28 @@ def test_method_configs_compose_terms():
     assert cifar10.get_config("factt").loss.factt.weight_schedule == "lr"
     with pytest.raises(ValueError, match="unknown method"):
         cifar10.get_config("distill")
+
+
+def test_the_objective_is_checked_once_and_passed_on(idx_dir, monkeypatch):
+    """validate_config checks config.loss and returns its active terms; the step, its networks
+    and its metrics take them as they are, without checking them again."""
+    from at_jax import objective, recipes
+    from at_jax.data import DataSpec
+
+    config = tiny_config(idx_dir, "at")
+    config.teacher.workdir = ""
+    config.loss.at.weight = 0.0
+    config.loss.factt.weight = 0.0
+    terms = recipes.validate_config(config)
+    assert isinstance(terms, objective.ActiveTerms) and list(terms) == ["ce"]
+    calls = []
+    real = objective.validate_terms
+    monkeypatch.setattr(objective, "validate_terms", lambda spec: calls.append(spec) or real(spec))
+    spec = DataSpec(10, (16, 16, 1), (0.5,), (0.25,))
+    st = step_lib.Step.from_config(config, spec, 4, terms=terms)
+    assert sorted(st.empty_sums()) == [
+        "train/ce", "train/count", "train/errors", "train/loss", "train/top5_errors"
+    ]  # fmt: skip
+    assert st.attention_pairs() is None and calls == []
+    step_lib.Step.from_config(config, spec, 4)  # without them, config.loss is checked here
+    assert len(calls) == 1

@@ -15,7 +15,8 @@ and with them this package: it imports no JAX (the two data paths are imported b
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Optional, Protocol
 
 from at_jax.data.catalog import (
     CIFAR_MEAN,
@@ -24,11 +25,20 @@ from at_jax.data.catalog import (
     STREAMED,
     Dataset,
     dataset_num_classes,
+    dataset_spec,
     load_dataset,
 )
+from at_jax.data.report import DataReport
+from at_jax.data.spec import DataSpec, Feed
 
 __all__ = [
     "open_data",
+    "RunData",
+    "TrainBatches",
+    "DataSpec",
+    "Feed",
+    "DataReport",
+    "dataset_spec",
     "load_dataset",
     "dataset_num_classes",
     "Dataset",
@@ -39,14 +49,57 @@ __all__ = [
 ]
 
 
-def open_data(config: Any, mesh: Any) -> Any:
+class TrainBatches(Protocol):
+    """A run's training batches, as :meth:`RunData.train_batches` gives them: an iterator of
+    global batches that the loop closes, whose position a checkpoint keeps
+    (``checkpoint_state``: an object for Grain's Orbax handler, or None where the step alone
+    is the position), and what the batches met (``report``: broken images skipped)."""
+
+    report: DataReport
+
+    @property
+    def checkpoint_state(self) -> Optional[Any]: ...
+
+    def start_at(self, step: int) -> None: ...
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def __next__(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class RunData(Protocol):
+    """What a run's data offers the loop, in memory or streamed (:func:`open_data`)."""
+
+    spec: DataSpec
+    n_train: int
+    n_test: int
+    steps_per_epoch: int
+    description: str
+    warnings: list[str]  # about the sources, printed once before training
+    counts_skipped: bool  # whether batches carry "skipped_count" (broken images replaced)
+    eval_report: DataReport  # what the last evaluation met
+
+    def train_batches(self, start_step: int = 0) -> TrainBatches: ...
+
+    def eval_batches(self) -> Iterator[dict]: ...
+
+    def describe_skipped(self, indices: list[int], split: str = ..., limit: int = ...) -> str: ...
+
+    def image_names(self, indices: list[int], split: str = ...) -> list[str]: ...
+
+
+def open_data(config: Any, mesh: Any) -> RunData:
     """The run's data: :class:`~at_jax.data.memory.InMemoryData` for the small datasets,
-    :class:`~at_jax.data.pipeline.StreamedData` for the streamed ones."""
+    :class:`~at_jax.data.pipeline.StreamedData` for the streamed ones; each reads only
+    ``config.data`` and the run's :class:`~at_jax.data.spec.Feed`."""
     name = config.data.name
+    feed = Feed.from_config(config)
     if name in STREAMED:
         from at_jax.data.pipeline import StreamedData  # Grain and JAX: only when streaming
 
-        return StreamedData(config, mesh)
+        return StreamedData(config.data, feed, mesh)
     if name not in DATASETS:
         raise ValueError(
             f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
@@ -54,4 +107,4 @@ def open_data(config: Any, mesh: Any) -> Any:
         )
     from at_jax.data.memory import InMemoryData  # JAX: not in Grain's worker processes
 
-    return InMemoryData(config, mesh)
+    return InMemoryData(config.data, feed, mesh)

@@ -1,8 +1,9 @@
 """On-device augmentation and normalisation (runs inside the jitted step).
 
 Training: reflect-pad by ``pad`` and take a random crop of the original size, random horizontal
-flip, then normalise with the dataset's mean/std — the reference CIFAR pipeline. Reflect padding
-commutes with the per-pixel normalisation, so the order does not matter.
+flip, then normalise with the dataset's mean/std (:func:`at_jax.preprocess.normalize`) — the
+reference CIFAR pipeline. Reflect padding commutes with the per-pixel normalisation, so the order
+does not matter.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["augment", "normalize", "random_crop", "random_flip"]
+from at_jax.preprocess import normalize
 
-
-def normalize(images_u8: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
-    x = images_u8.astype(jnp.float32) / 255.0
-    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+__all__ = ["augment", "random_crop", "random_flip"]
 
 
 def random_crop(images: jax.Array, key: jax.Array, pad: int) -> jax.Array:

@@ -7,7 +7,8 @@ folder of class folders works too). Times what the train step waits for: decode 
 crop + flip + batching in ``K`` Grain worker processes (0: in this process), after ``--warmup``
 batches (each worker holds at most ``2·read_threads`` batches ahead). Prints one JSON line
 (``images_per_s``, ``workers``, ``read_threads``, ``batch``, ``image_size``, ``n_images``),
-comparable with ``shared/bench/torch_input_reference.py`` on the same folder.
+comparable with a PyTorch ``DataLoader`` doing the same work on the same folder
+(``benchmarks/RESULTS.md`` records both).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 
 from absl import app, flags
 
-from at_jax import recipes
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import sources
+from at_jax.data.config import default_data_config
 from at_jax.data.pipeline import StreamedData
+from at_jax.data.spec import Feed
 from at_jax.sharding import data_mesh
 
 __all__ = ["run", "main", "define_flags"]
@@ -59,13 +61,12 @@ def run(
     # an image-folder root, or a bare folder of classes (what torch_input_reference.py takes)
     train, classes = sources.class_folder(train_dir if os.path.isdir(train_dir) else data_dir)
     splits = (train, train, classes)
-    config = recipes.base_config()
-    config.data.name, config.data.data_dir = "imagefolder", data_dir
-    config.data.image_size, config.data.num_workers = image_size, workers
-    config.data.read_threads = read_threads
-    config.batch_size = batch
-    config.num_epochs = max(1, -(-(steps + warmup) * batch // len(splits[0])))
-    data = StreamedData(config, data_mesh(), splits)
+    data_config = default_data_config()
+    data_config.name, data_config.data_dir = "imagefolder", data_dir
+    data_config.image_size, data_config.num_workers = image_size, workers
+    data_config.read_threads = read_threads
+    feed = Feed(batch, num_epochs=max(1, -(-(steps + warmup) * batch // len(splits[0]))))
+    data = StreamedData(data_config, feed, data_mesh(), splits)
     it = iter(data.worker_iterable(data.train_dataset(0, 1)))
     for _ in range(warmup):
         next(it)

@@ -3,8 +3,8 @@
 In memory (``cifar10``, ``cifar100``, ``fashion_mnist``, ``mnist``): from files users already
 have (CIFAR python archives, IDX files; :mod:`at_jax.data.local`) or from TFDS. Streamed
 (``imagefolder``, ``cub``, ``scenes``, ``imagenet2012``, ``caltech_birds2011``): see
-:mod:`at_jax.data.pipeline`. :func:`dataset_info` gives what a run's preprocessing needs (class
-count, image shape, mean/std) from a config alone.
+:mod:`at_jax.data.pipeline`. :func:`dataset_spec` gives what a run's model and preprocessing need
+(a :class:`~at_jax.data.spec.DataSpec`: class count, image shape, mean/std) from a config alone.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any, Optional
 import numpy as np
 
 from at_jax.data.local import find_cifar, find_idx
+from at_jax.data.spec import DataSpec
 from at_jax.data.tfds_source import load_tfds
 
 __all__ = [
     "load_dataset",
+    "dataset_spec",
     "dataset_info",
     "dataset_num_classes",
     "Dataset",
@@ -89,6 +91,10 @@ class Dataset:
     @property
     def image_shape(self) -> tuple:
         return self.train_images.shape[1:]
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec(self.num_classes, self.image_shape, self.mean, self.std)
 
 
 def _search_dirs(name: str, data_dir: Optional[str]) -> list[str]:
@@ -161,31 +167,25 @@ def load_dataset(
     )
 
 
-def dataset_info(config: Any) -> dict[str, Any]:
-    """What a run's model and preprocessing need, from its config alone: ``num_classes`` (None
-    where the data on disk decides it: image folders), ``image_shape`` (H, W, C), ``mean`` and
-    ``std`` (per channel, for images scaled to [0, 1])."""
+def dataset_spec(config: Any) -> DataSpec:
+    """What a run's model and preprocessing need, from its config alone (``num_classes`` None
+    where the data on disk decides it: image folders)."""
     name = config.get("data", {}).get("name")
     if name in DATASETS:
         info = DATASETS[name]
-        return {
-            "num_classes": info["num_classes"],
-            "image_shape": info["image_shape"],
-            "mean": info["mean"],
-            "std": info["std"],
-        }
+        return DataSpec(info["num_classes"], info["image_shape"], info["mean"], info["std"])
     if name in STREAMED:
         size = int(config.data.image_size)
-        return {
-            "num_classes": STREAMED_CLASSES.get(name),
-            "image_shape": (size, size, 3),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-        }
+        return DataSpec(STREAMED_CLASSES.get(name), (size, size, 3), IMAGENET_MEAN, IMAGENET_STD)
     raise ValueError(
         f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (in memory), "
         f"{', '.join(STREAMED)} (streamed)"
     )
+
+
+def dataset_info(config: Any) -> dict[str, Any]:
+    """:func:`dataset_spec` as a dict (``num_classes``, ``image_shape``, ``mean``, ``std``)."""
+    return dataclasses.asdict(dataset_spec(config))
 
 
 def dataset_num_classes(config: Any) -> Optional[int]:

@@ -22,7 +22,6 @@ global batches so that every process runs the same number of steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import json
@@ -42,33 +41,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from at_jax.data import sources as sources_lib
 from at_jax.data.batching import eval_batch_size
 from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
+from at_jax.data.report import DataReport
+from at_jax.data.spec import DataSpec, Feed, SpecFields
 from at_jax.data.transforms import BadImageError, EvalRecord, TrainRecord, decode_image
 from at_jax.data.workers import worker_init
 
-__all__ = ["StreamedData", "DeviceIterator", "DataReport", "flush_shared_memory"]
+__all__ = [
+    "StreamedData",
+    "DeviceIterator",
+    "DataReport",
+    "flush_shared_memory",
+]  # DataReport: at_jax.data.report
 
 
 MIN_SHM_BYTES = 1 << 16
 # Fields of a streamed element that report to the host (read, then dropped): the index of a
 # replaced (skipped) broken image, and whether a bounding box lay outside its image.
 _REPORT = ("skipped_index", "box_outside")
-
-
-@dataclasses.dataclass
-class DataReport:
-    """What the batches handed out so far met: the source indices of broken images that were
-    skipped (``config.data.on_bad_image="skip"``) and the number of bounding boxes that lay
-    outside their image (the whole image was used)."""
-
-    skipped: list[int] = dataclasses.field(default_factory=list)
-    box_outside: int = 0
-
-    def add(self, batch: dict) -> None:
-        self.skipped += [int(i) for i in np.asarray(batch["skipped_index"]).ravel() if i >= 0]
-        self.box_outside += int(np.sum(batch["box_outside"]))
-
-    def __bool__(self) -> bool:
-        return bool(self.skipped or self.box_outside)
 
 
 def flush_shared_memory() -> None:
@@ -112,7 +101,23 @@ class DeviceIterator:
         self._thread: Optional[threading.Thread] = None
         self._queue: queue.Queue = queue.Queue(self._prefetch)
         self._stop = threading.Event()
+        self._restored = False
         self.report = DataReport()
+
+    @property
+    def checkpoint_state(self) -> DeviceIterator:
+        """What a run's checkpoint saves of these batches: this iterator, for Grain's Orbax
+        handler (:meth:`get_state`, :meth:`set_state`)."""
+        return self
+
+    def start_at(self, step: int) -> None:
+        """Continue from global step ``step``: its position must have come from a checkpoint
+        (:meth:`set_state`), as the streamed position is Grain's state, not a step count."""
+        if step and not self._restored:
+            raise ValueError(
+                f"streamed batches cannot start at step {step} without the Grain state of a "
+                "checkpoint at that step; resume the run from its checkpoint"
+            )
 
     def _to_global(self, batch: dict) -> tuple[dict, dict]:
         mesh_size = self._sharding.mesh.size
@@ -189,6 +194,7 @@ class DeviceIterator:
         self._halt()
         self._state = json.loads(state.decode() if isinstance(state, bytes) else state)
         self._it.set_state(self._state)
+        self._restored = True
 
     def start_prefetch(self) -> None:
         pass  # the thread starts at the first batch
@@ -201,57 +207,55 @@ class DeviceIterator:
         flush_shared_memory()
 
 
-class StreamedData:
-    """A streamed dataset of ``config.data`` for ``mesh``: batches, sizes and normalisation."""
+class StreamedData(SpecFields):
+    """A streamed dataset of ``data_config`` (``config.data``) for ``mesh``, read as ``feed``
+    says: batches, sizes and the dataset's :class:`~at_jax.data.spec.DataSpec` (ImageNet's
+    mean/std, as torchvision's models)."""
 
-    streamed = True
+    counts_skipped = True  # the step counts the broken images replaced in its batch
 
-    def __init__(self, config, mesh: Mesh, splits: Optional[tuple] = None):
-        """``splits``: ``(train, test, class_names)`` sources, instead of ``config.data``'s."""
-        data = config.data
-        if int(data.image_size) < 8:
-            raise ValueError(f"config.data.image_size must be >= 8, got {data.image_size}")
-        if int(data.num_workers) < 0:
-            raise ValueError(f"config.data.num_workers must be >= 0, got {data.num_workers}")
-        self.config = config
-        self.mesh = mesh
+    def __init__(self, data_config: Any, feed: Feed, mesh: Mesh, splits: Optional[tuple] = None):
+        """``splits``: ``(train, test, class_names)`` sources, instead of ``data_config``'s."""
+        data = self.data = data_config
+        self.feed, self.mesh = feed, mesh
         train, test, classes = splits or sources_lib.open_source(data.name, data.data_dir)
         if data.train_size:
             train = sources_lib.Subset(train, min(int(data.train_size), len(train)))
         if data.test_size:
             test = sources_lib.Subset(test, min(int(data.test_size), len(test)))
         self.train_source, self.test_source = train, test
-        self.num_classes = len(classes) if classes else STREAMED_CLASSES[data.name]
         self.class_names = classes
-        self.image_shape = (int(data.image_size), int(data.image_size), 3)
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        size = int(data.image_size)
+        self.spec = DataSpec(
+            len(classes) if classes else STREAMED_CLASSES[data.name],
+            (size, size, 3),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        )
         self.n_train, self.n_test = len(train), len(test)
         self.description = getattr(train, "description", data.name)
-        self.steps_per_epoch = self.n_train // int(config.batch_size)
+        self.steps_per_epoch = self.n_train // feed.batch_size
         processes = jax.process_count()
-        if int(config.batch_size) % processes:
+        if feed.batch_size % processes:
             raise ValueError(
-                f"config.batch_size={config.batch_size} is not divisible by the "
-                f"{processes} processes"
+                f"config.batch_size={feed.batch_size} is not divisible by the {processes} processes"
             )
         self.sharding = NamedSharding(mesh, P("data"))
         self.on_bad_image = str(data.get("on_bad_image", "error"))
         self.eval_report = DataReport()  # what the last evaluation met
-        self.source_warnings = [w for src in (train, test) for w in getattr(src, "warnings", [])]
+        self.warnings = [w for src in (train, test) for w in getattr(src, "warnings", [])]
 
     def _options(self) -> grain.MultiprocessingOptions:
         # Grain's worker processes read absl flags; a program that never parsed them (a notebook,
         # pytest) would fail there: take the defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        return grain.MultiprocessingOptions(num_workers=int(self.config.data.num_workers))
+        return grain.MultiprocessingOptions(num_workers=int(self.data.num_workers))
 
     def _read_options(self) -> grain.ReadOptions:
         """Threads per worker (each builds whole batches) and how many batches they buffer.
         Grain's defaults (16 threads, 500 elements ahead) would hold 500 *batches* per worker."""
-        threads = int(self.config.data.read_threads)
-        if threads < 1:
-            raise ValueError(f"config.data.read_threads must be >= 1, got {threads}")
+        threads = int(self.data.read_threads)
         return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
     def worker_iterable(self, ds: grain.MapDataset) -> grain.IterDataset:
@@ -263,7 +267,7 @@ class StreamedData:
         ds = grain.experimental.WithOptionsIterDataset(
             ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
         )
-        if int(self.config.data.num_workers):
+        if int(self.data.num_workers):
             ds = ds.mp_prefetch(
                 self._options(), worker_init_fn=functools.partial(worker_init, os.getpid())
             )
@@ -273,35 +277,43 @@ class StreamedData:
         self, process_index: Optional[int] = None, process_count: Optional[int] = None
     ) -> grain.MapDataset:
         """This process's local training batches, for the whole run (``num_epochs``)."""
-        config = self.config
+        feed = self.feed
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
-        per_epoch = self.steps_per_epoch * int(config.batch_size)
-        ds = grain.MapDataset.range(len(self.train_source)).seed(int(config.seed))
-        ds = ds.shuffle()[:per_epoch].repeat(int(config.num_epochs))
+        per_epoch = self.steps_per_epoch * feed.batch_size
+        ds = grain.MapDataset.range(len(self.train_source)).seed(feed.seed)
+        ds = ds.shuffle()[:per_epoch].repeat(feed.num_epochs)
         ds = ds.random_map(
             TrainRecord(
                 self.train_source,
-                int(config.data.image_size),
-                bool(config.data.augment.get("flip", True)),
+                int(self.data.image_size),
+                bool(self.data.augment.get("flip", True)),
                 self.on_bad_image,
             )
         )
         ds = ds[index::count]
-        return ds.batch(int(config.batch_size) // count, drop_remainder=True)
+        return ds.batch(feed.batch_size // count, drop_remainder=True)
 
-    def train_iterator(self) -> DeviceIterator:
-        """Global training batches ``{"image", "label", "skipped_count"}`` from step 0 (a
-        checkpoint restore sets the position); ``.report`` says what was skipped."""
-        return DeviceIterator(
+    def train_batches(self, start_step: int = 0) -> DeviceIterator:
+        """Global training batches ``{"image", "label", "skipped_count"}`` from step 0;
+        ``.report`` says what was skipped. The position is Grain's iterator state, which the
+        run's checkpoints hold (``checkpoint_state``): a resumed run restores it into these
+        batches, then calls ``start_at`` (a ``start_step`` > 0 without that state is refused)."""
+        iterator = DeviceIterator(
             iter(self.worker_iterable(self.train_dataset())),
             self.sharding,
-            self.config.data.prefetch,
+            self.data.prefetch,
             keep=("image", "label", "skipped_count"),
         )
+        iterator.start_at(start_step)
+        return iterator
+
+    def train_iterator(self) -> DeviceIterator:
+        """The training batches from step 0 (:meth:`train_batches`)."""
+        return self.train_batches(0)
 
     def eval_batch_size(self) -> int:
-        size = eval_batch_size(self.config.eval_batch_size, self.n_test, self.mesh.size)
+        size = eval_batch_size(self.feed.eval_batch_size, self.n_test, self.mesh.size)
         step = math.lcm(self.mesh.size, jax.process_count())
         return max(step, size - size % step)
 
@@ -311,12 +323,12 @@ class StreamedData:
         size = self.eval_batch_size()
         padded = math.ceil(self.n_test / size) * size
         ds = grain.MapDataset.range(padded).map(
-            EvalRecord(self.test_source, self.config.data.image_size, self.on_bad_image)
+            EvalRecord(self.test_source, self.data.image_size, self.on_bad_image)
         )
         ds = ds[jax.process_index() :: jax.process_count()]
         ds = self.worker_iterable(ds.batch(size // jax.process_count()))
         iterator = DeviceIterator(
-            iter(ds), self.sharding, self.config.data.prefetch, keep=("image", "label", "mask")
+            iter(ds), self.sharding, self.data.prefetch, keep=("image", "label", "mask")
         )
         try:
             yield from iterator
@@ -324,16 +336,27 @@ class StreamedData:
             iterator.close()
             self.eval_report = iterator.report
 
-    def describe_skipped(self, indices: list[int], source: Any, limit: int = 10) -> str:
-        """The first ``limit`` skipped files with the decoder's reason, and how many more."""
-        shown = []
-        for index in sorted(set(indices))[:limit]:
-            record = source[index]
-            try:
-                decode_image(record["image"])
-                reason = "unreadable"
-            except BadImageError as e:
-                reason = e.reason
-            shown.append(f"{record['image']} ({reason})")
+    def _source(self, split: str) -> Any:
+        return self.train_source if split == "train" else self.test_source
+
+    def image_names(self, indices: list[int], split: str = "train") -> list[str]:
+        """The files of ``split``'s records ``indices``."""
+        source = self._source(split)
+        return [source[i]["image"] for i in indices]
+
+    def describe_skipped(self, indices: list[int], split: str = "train", limit: int = 10) -> str:
+        """The first ``limit`` skipped files of ``split`` ("train" or "test") with the
+        decoder's reason, and how many more."""
+        names = self.image_names(sorted(set(indices))[:limit], split)
+        shown = [f"{name} ({_skip_reason(name)})" for name in names]
         more = len(set(indices)) - len(shown)
         return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def _skip_reason(image: Any) -> str:
+    """Why the decoder refuses ``image`` (a path or bytes)."""
+    try:
+        decode_image(image)
+    except BadImageError as e:
+        return e.reason
+    return "unreadable"

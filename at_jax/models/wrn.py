@@ -13,7 +13,6 @@ Sown activations (collection ``intermediates``):
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 from at_jax.models.common import batch_norm, conv, dense
 from at_jax.precision import upcast
 
-__all__ = ["WideResNet", "WRNBlock", "wrn", "blocks_per_group"]
+__all__ = ["WideResNet", "WRNBlock", "blocks_per_group"]
 
 BASE_WIDTHS = (16, 32, 64)
 GROUP_STRIDES = (1, 2, 2)
@@ -91,7 +90,3 @@ class WideResNet(nn.Module):
         x = nn.relu(batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x))
         x = jnp.mean(x, axis=(1, 2))
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
-
-
-def wrn(depth: int, width: int, **kwargs) -> functools.partial:
-    return functools.partial(WideResNet, depth=depth, width=width, **kwargs)

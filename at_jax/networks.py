@@ -1,0 +1,157 @@
+"""The two networks of a run side by side: :class:`Networks` holds the student, the teacher
+(eval mode) and the objective's parameterised term modules, and turns one batch into the
+:class:`~at_jax.objective.StepOutputs` every loss term reads. Pure: parameters and the
+teacher's variables are arguments, nothing is captured."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Set as AbstractSet
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from at_jax import finetune, losses, objective
+from at_jax.data.spec import DataSpec
+from at_jax.models import forward
+from at_jax.models.build import build_model, compute_dtype
+
+__all__ = ["Networks"]
+
+
+class Networks:
+    """The student ``model``, the ``teacher_model`` (or None) with variables of the shapes of
+    ``teacher_variables``, and the term modules of the active ``terms``. ``bn_mode``
+    (``config.gradient.bn_mode``): batch norm in the gradient terms' input-gradient pass."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        spec: DataSpec,
+        terms: objective.ActiveTerms,
+        dtype: Any = jnp.float32,
+        bn_mode: str = "batch_stats",
+        teacher_model: Optional[nn.Module] = None,
+        teacher_variables: Any = None,
+    ):
+        if objective.needs_teacher(terms) and teacher_model is None:
+            raise ValueError(
+                "the loss uses a teacher term (at/kd/factt/...) but no teacher is set: "
+                "set config.teacher.workdir to a trained teacher's workdir"
+            )
+        self.model, self.spec, self.terms, self.dtype = model, spec, terms, dtype
+        self.bn_mode, self.teacher_model = bn_mode, teacher_model
+        dummy = self.dummy_input()
+        # the student's variables as shapes ({"params", "batch_stats"})
+        self.variable_shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
+        self.student_shapes = jax.eval_shape(
+            lambda v: forward(model, v, dummy)[1], self.variable_shapes
+        )
+        self.teacher_shapes = (
+            {}
+            if teacher_model is None
+            else jax.eval_shape(lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
+        )
+        self.term_modules = objective.term_modules(terms, self.student_shapes, self.teacher_shapes)
+
+    @classmethod
+    def from_config(cls, config: Any, spec: DataSpec, terms: Any = None, **teacher: Any):
+        """The networks of a run's ``config`` (``model``, ``model_overrides``, ``dtype``,
+        ``gradient.bn_mode``; ``terms`` if checked already, else ``config.loss`` checked here);
+        ``teacher``: ``teacher_model`` and ``teacher_variables``."""
+        return cls(
+            model=build_model(config, spec.class_count()),
+            spec=spec,
+            terms=objective.validate_terms(dict(config.loss)) if terms is None else terms,
+            dtype=compute_dtype(config),
+            bn_mode=config.get("gradient", {}).get("bn_mode", "batch_stats"),
+            **teacher,
+        )
+
+    def dummy_input(self) -> jax.Array:
+        return jnp.zeros((2, *self.spec.image_shape), self.dtype)
+
+    def attention_pairs(self) -> Optional[Any]:
+        """The transfer points at which to measure the attention distance to the teacher: the
+        AT term's pairs when it is on, else ``"groups"``; None without a teacher or when the
+        two networks cannot be paired (their group counts differ)."""
+        if self.teacher_model is None:
+            return None
+        pairs = self.terms.get("at", {}).get("pairs", "groups")
+        try:
+            losses.pair_activations(self.student_shapes, self.teacher_shapes, pairs)
+        except ValueError:
+            return None
+        return pairs
+
+    def init(
+        self,
+        model_key: jax.Array,
+        terms_key: jax.Array,
+        pretrained: Any = None,
+        replaced: AbstractSet = frozenset(),
+    ) -> tuple[Any, dict]:
+        """``(student variables, term parameters)`` of one seed; ``pretrained`` variables (if
+        any) replace the fresh ones but at the ``replaced`` paths."""
+        variables: Any = self.model.init(model_key, self.dummy_input())
+        if pretrained is not None:
+            variables = finetune.merge(variables, pretrained, set(replaced))
+        acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.student_shapes)
+        terms = {
+            name: module.init(jax.random.fold_in(terms_key, i), acts).get("params", {})
+            for i, (name, module) in enumerate(sorted(self.term_modules.items()))
+        }
+        return variables, terms
+
+    def student_fn(self, params, batch_stats, train: bool, dropout_key=None) -> Callable:
+        """``x -> (logits, activations, new_batch_stats)`` of the student (``dropout_key``: the
+        dropout masks in train mode, for models with dropout)."""
+        variables = {"params": params["student"]}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        rngs = {"dropout": dropout_key} if train and dropout_key is not None else None
+        return lambda x: forward(self.model, variables, x, train=train, rngs=rngs)
+
+    def outputs(
+        self,
+        params: Mapping,
+        batch_stats: Any,
+        teacher_variables: Any,
+        batch: tuple[jax.Array, jax.Array],
+        key: jax.Array,
+        **schedule: Any,
+    ) -> tuple[objective.StepOutputs, Any]:
+        """Student (train mode) and teacher (eval mode) forward passes of ``batch`` (images,
+        labels) -> ``(StepOutputs, new batch statistics)``; ``schedule``: its ``weight_scale``
+        and ``epoch``. The input-gradient pass of the gradient terms (``student_fn``) sees the
+        same dropout masks as the training forward (``key``), and batch norm as ``bn_mode``."""
+        images, labels = batch
+        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key)(images)
+        gradient_pass = self.student_fn(params, batch_stats, self.bn_mode == "batch_stats", key)
+        t_logits, t_acts, teacher_fn, teacher = None, {}, None, self.teacher_model
+        if teacher is not None:
+
+            def teacher_fn(x):
+                return forward(teacher, teacher_variables, x)[0]
+
+            t_logits, t_acts, _ = forward(teacher, teacher_variables, images)
+        bound = {
+            name: functools.partial(module.apply, {"params": params["terms"][name]})
+            for name, module in self.term_modules.items()
+        }
+        out = objective.StepOutputs(
+            images=images,
+            labels=labels,
+            student_logits=s_logits,
+            student_acts=s_acts,
+            teacher_logits=t_logits,
+            teacher_acts=t_acts,
+            student_fn=lambda x: gradient_pass(x)[0],
+            teacher_fn=teacher_fn,
+            term_modules=bound,
+            **schedule,
+        )
+        return out, new_stats
