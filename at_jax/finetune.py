@@ -56,7 +56,10 @@ def frozen_paths(
     freeze: Any, variables: dict, model_name: str = "the model"
 ) -> set[tuple[str, ...]]:
     """Paths (within the student's ``params``) of the parameters that ``freeze``
-    (``config.freeze``: ``modules``, ``batch_norm``) leaves untrained."""
+    (``config.freeze``: ``modules``, ``batch_norm``; a whole run config works too) leaves
+    untrained."""
+    if hasattr(freeze, "get") and "model" in freeze:  # a whole config, as before
+        freeze, model_name = freeze.get("freeze", {}), freeze["model"]
     freeze = freeze or {}
     modules = module_names(freeze.get("modules", ()))
     params = variables["params"]

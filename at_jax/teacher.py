@@ -40,8 +40,12 @@ __all__ = [
 ]
 
 
-def write_data_info(workdir: str, spec: DataSpec) -> None:
-    """Record what the run's images are (``data.json``): :func:`load_teacher` reads it."""
+def write_data_info(workdir: str, spec: DataSpec | int, *facts: Any) -> None:
+    """Record what the run's images are (``data.json``): :func:`load_teacher` reads it.
+    ``spec``: the run's :class:`~at_jax.data.spec.DataSpec` (or, as before it existed, the four
+    facts ``num_classes, image_shape, mean, std``)."""
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec(spec, *facts)
     write_json_atomic(os.path.join(workdir, DATA_FILE), spec.to_json())
 
 

@@ -277,3 +277,23 @@ def test_imagenet_lr_is_per_256_images():
     assert step_lib.base_lr(config) == pytest.approx(0.4)
     assert float(step_lib.lr_schedule(config, 10)(300)) == pytest.approx(0.04)  # after epoch 30
     assert (config.loss.at.start_epoch, config.loss.at.pairs) == (61, "layer3,layer4")
+
+
+def test_frozen_paths_take_config_freeze_or_a_whole_config(tmp_path):
+    """``finetune.frozen_paths(config.freeze, shapes, model)``, and the whole config as before
+    the training core was split; data.json is written from a DataSpec or from its four facts."""
+    import jax.numpy as jnp
+
+    from at_jax.data import DataSpec
+    from at_jax.models import get_model
+
+    config = transfer.get_config("student,cub")
+    config.freeze.modules, config.freeze.batch_norm = ("conv1", "layer1"), False
+    model = get_model(config.model, num_classes=3)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    parts = finetune.frozen_paths(config.freeze, shapes, config.model)
+    assert parts == finetune.frozen_paths(config, shapes)
+    assert {p[0] for p in parts} == {"conv1", "layer1_0", "layer1_1"}
+    spec = DataSpec(3, (32, 32, 3), IMAGENET_MEAN, IMAGENET_STD)
+    runs.write_data_info(str(tmp_path), 3, (32, 32, 3), IMAGENET_MEAN, IMAGENET_STD)
+    assert runs.read_data_info(str(tmp_path), config) == spec
