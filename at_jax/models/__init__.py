@@ -17,9 +17,11 @@ from flax import traverse_util
 
 from at_jax.models.nin import NIN, THIN_WIDTHS, WIDE_WIDTHS
 from at_jax.models.resnet import STAGE_SIZES, ResNet, from_torchvision
+from at_jax.models.vit import VIT_SIZES, VisionTransformer
 from at_jax.models.wrn import WideResNet, blocks_per_group
 
 _WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
+_VIT_PATTERN = re.compile(r"^vit-(tiny|small|base|large|huge)/(\d+)$")
 
 _FIXED: dict[str, Callable[..., nn.Module]] = {
     "nin-thin": lambda **kw: NIN(widths=THIN_WIDTHS, **kw),
@@ -36,7 +38,7 @@ _FIXED: dict[str, Callable[..., nn.Module]] = {
 
 def model_names() -> list[str]:
     """Known model names (``wrn-D-K`` stands for every valid depth and width)."""
-    return ["wrn-D-K", *sorted(_FIXED)]
+    return ["wrn-D-K", "vit-SIZE/P", *sorted(_FIXED)]
 
 
 def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
@@ -54,12 +56,22 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
         def builder(**kw: Any) -> nn.Module:
             return WideResNet(depth=depth, width=width, **kw)
 
+    elif _VIT_PATTERN.match(name):
+        vit = _VIT_PATTERN.match(name)
+        assert vit is not None
+        width, depth, heads = VIT_SIZES[vit.group(1)]
+        patch = int(vit.group(2))
+
+        def builder(**kw: Any) -> nn.Module:
+            size = {"embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": patch}
+            return VisionTransformer(**{**size, **kw})
+
     elif name in _FIXED:
         builder = _FIXED[name]
     else:
         raise ValueError(
             f"unknown model {name!r}; known models: {', '.join(model_names())} "
-            "(e.g. wrn-16-1, wrn-40-2)"
+            f"(e.g. wrn-16-1, wrn-40-2, vit-base/16; ViT sizes: {', '.join(VIT_SIZES)})"
         )
     try:
         return builder(num_classes=num_classes, **overrides)
@@ -84,4 +96,13 @@ def forward(model: nn.Module, variables, x, train: bool = False, rngs=None):
     return logits, acts, state.get("batch_stats")
 
 
-__all__ = ["forward", "NIN", "ResNet", "WideResNet", "from_torchvision", "get_model", "model_names"]
+__all__ = [
+    "forward",
+    "NIN",
+    "ResNet",
+    "WideResNet",
+    "VisionTransformer",
+    "from_torchvision",
+    "get_model",
+    "model_names",
+]
