@@ -47,6 +47,7 @@ from at_jax.attention import (
 )
 from at_jax.naming import natural_key, natural_sorted, unknown_names_message
 from at_jax.precision import upcast
+from at_jax.vit_losses import attention_distillation_loss, qkv_distillation_loss
 
 __all__ = [
     "at_loss",
@@ -165,41 +166,6 @@ def at_losses(
         for s, t in pair_activations(student_acts, teacher_acts, pairs)
     }
     return sum(per_pair.values(), jnp.zeros((), jnp.float32)), per_pair
-
-
-def attention_distillation_loss(
-    student_attn_logits: jax.Array, teacher_attn_logits: jax.Array
-) -> jax.Array:
-    """Attention distillation of one ViT block (Li et al., NeurIPS 2024, arXiv 2411.09702): the
-    cross-entropy of the student's attention to the teacher's, over the keys, averaged over
-    batch, heads and queries.
-
-    Args:
-      student_attn_logits: (B, heads, N, N) logits before the softmax (q·kᵀ/√d), as
-        :class:`at_jax.models.vit.VisionTransformer` sows them (``block{i}.attention_logits``).
-      teacher_attn_logits: the teacher's, same shape; no gradient reaches them.
-
-    Returns:
-      ``mean(−Σ_k softmax(t)_k · log_softmax(s)_k)``, a float32 scalar: the port's
-      ``distill_loss_fn`` (its minimum is the entropy of the teacher's attention, not 0).
-    """
-    if student_attn_logits.shape != teacher_attn_logits.shape:
-        raise ValueError(
-            "attention logits of student and teacher must have the same shape (B, heads, N, N); "
-            f"got {student_attn_logits.shape} and {teacher_attn_logits.shape}: pair blocks with "
-            "the same number of heads and tokens"
-        )
-    teacher = jax.nn.softmax(upcast(jax.lax.stop_gradient(teacher_attn_logits)), axis=-1)
-    student = jax.nn.log_softmax(upcast(student_attn_logits), axis=-1)
-    return -jnp.mean(jnp.sum(teacher * student, axis=-1))
-
-
-def qkv_distillation_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
-    """The q, k or v variant of attention distillation: ``mean((s − t)²)`` over every element
-    (the port's ``mse_loss``); ``teacher`` gets no gradient. Shapes (B, heads, N, d), equal."""
-    if student.shape != teacher.shape:
-        raise ValueError(f"student and teacher shapes differ: {student.shape} vs {teacher.shape}")
-    return jnp.mean((upcast(student) - upcast(jax.lax.stop_gradient(teacher))) ** 2)
 
 
 def kd_kl(

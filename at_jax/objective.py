@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from at_jax import gradient, losses
+from at_jax import gradient, losses, vit_losses
 
 __all__ = [
     "ActiveTerms",
@@ -271,6 +271,19 @@ def at_term(
         reduce=reduce,
         mode=mode,
         normalize=normalize,
+    )[0]
+
+
+@register_term("atd", needs_teacher=True)
+def atd_term(out: StepOutputs, end_layer: int = -3, target: str = "attention") -> jax.Array:
+    """Attention distillation between ViTs (Li et al., NeurIPS 2024): the total of
+    :func:`at_jax.vit_losses.attention_distillation_losses` over the teacher's blocks
+    ``0 .. depth + end_layer − 1``; ``target`` "attention" (the logits' cross-entropy) or "q",
+    "k", "v" (mean squared errors). The paper's ImageNet command: weight 3.0, end_layer −6
+    (ViT-L)."""
+    out.require_teacher("atd")
+    return vit_losses.attention_distillation_losses(
+        out.student_acts, out.teacher_acts, end_layer, target
     )[0]
 
 

@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
                 "pairs": "groups",
             },
             "factt": {**term, "pairs": "groups"},
+            # attention distillation between ViTs (Li et al. 2024): blocks 0..depth+end_layer-1
+            "atd": {**term, "end_layer": -3, "target": "attention"},
             "grad_at": {**term, "squared": True},
             "min_l2": {**term, "squared": True},
             "symmetry": {**term, "squared": True},

@@ -66,6 +66,7 @@ NEUTRAL_DEFAULTS = {
     "freeze.batch_norm": False,
     "freeze.modules": [],
     "optimizer.lr_batch_size": 0,
+    "loss.atd.weight": 0,
 }
 
 

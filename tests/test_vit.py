@@ -213,3 +213,42 @@ def test_attention_distillation_loss_equals_the_ports_and_its_formula():
     assert not np.any(jax.grad(qkv_distillation_loss, argnums=1)(jnp.asarray(s), jnp.asarray(t)))
     with pytest.raises(ValueError, match="same shape"):
         attention_distillation_loss(jnp.zeros((2, 3, 5, 5)), jnp.zeros((2, 4, 5, 5)))
+
+
+def test_the_atd_term_sums_the_distilled_blocks_and_refuses_what_cannot_pair(images):
+    """config.loss.atd: blocks 0 .. depth + end_layer − 1 of two ViTs, attention or q/k/v;
+    a CNN teacher, a too-shallow student or heads that differ are refused with one line."""
+    from at_jax.objective import StepOutputs, make_objective
+    from at_jax.vit_losses import attention_distillation_losses
+
+    x = jnp.asarray(images)
+    deep = dict(TINY, depth=3)
+    teacher = get_model("vit-tiny/7", num_classes=5, **deep)
+    _, t_acts, _ = forward(teacher, teacher.init(jax.random.key(0), x), x)
+    student = get_model("vit-tiny/7", num_classes=5, **deep)
+    s_logits, s_acts, _ = forward(student, student.init(jax.random.key(1), x), x)
+    out = StepOutputs(x, jnp.array([0, 1, 2]), s_logits, s_acts, s_logits, t_acts)
+    objective = make_objective({"atd": {"weight": 3.0, "end_layer": -1}})
+    loss, measured = objective(out)
+    name = "block{}.attention_logits".format
+    blocks = [attention_distillation_loss(s_acts[name(i)], t_acts[name(i)]) for i in range(2)]
+    np.testing.assert_allclose(measured["atd"], sum(blocks), rtol=1e-6)
+    np.testing.assert_allclose(loss, 3.0 * sum(blocks), rtol=1e-6)
+    total, per_block = attention_distillation_losses(s_acts, t_acts, 0, "v")
+    assert sorted(per_block) == ["block0", "block1", "block2"]
+    v = [qkv_distillation_loss(s_acts[f"block{i}.v"], t_acts[f"block{i}.v"]) for i in range(3)]
+    np.testing.assert_allclose(total, sum(v), rtol=1e-6)
+    shallow = get_model("vit-tiny/7", num_classes=5, **TINY)  # 2 blocks
+    _, sh_acts, _ = forward(shallow, shallow.init(jax.random.key(2), x), x)
+    with pytest.raises(ValueError, match="at least 3 blocks"):
+        attention_distillation_losses(sh_acts, t_acts, 0)
+    with pytest.raises(ValueError, match="end_layer=-3 distils blocks 0..-1 of a 3-block"):
+        attention_distillation_losses(s_acts, t_acts, -3)
+    wrn = get_model("wrn-tiny", num_classes=5)
+    _, w_acts, _ = forward(wrn, wrn.init(jax.random.key(3), x), x)
+    with pytest.raises(ValueError, match="needs a ViT teacher"):
+        attention_distillation_losses(s_acts, w_acts)
+    heads = get_model("vit-tiny/7", num_classes=5, **dict(deep, num_heads=4))
+    _, h_acts, _ = forward(heads, heads.init(jax.random.key(4), x), x)
+    with pytest.raises(ValueError, match="block 0 cannot be distilled.*same shape"):
+        attention_distillation_losses(h_acts, t_acts, 0)
