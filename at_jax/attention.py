@@ -119,8 +119,8 @@ def safe_norm(x: jax.Array, order: int = 2, axis: int = -1, keepdims: bool = Fal
     ``jnp.linalg.norm``'s is NaN): the values are ``jnp.linalg.norm``'s."""
     if order not in (1, 2):
         raise ValueError(f"safe_norm takes order 1 or 2, got {order!r}")
-    if order == 1:
-        return jnp.sum(jnp.abs(x), axis=axis, keepdims=keepdims)
+    if order == 1:  # |x|'s gradient at 0 is 1 in JAX, 0 in PyTorch: a zero entry adds nothing
+        return jnp.sum(jnp.where(x == 0, 0.0, jnp.abs(x)), axis=axis, keepdims=keepdims)
     squared = jnp.sum(x * x, axis=axis, keepdims=keepdims)
     positive = squared > 0
     # the double `where`: sqrt's gradient is taken only where it is finite

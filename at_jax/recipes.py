@@ -200,10 +200,7 @@ class _Problems:
 
     def need(self, ok: bool, key: str, what: str) -> None:
         if not ok:
-            value: Any = self.config
-            for part in key.split("."):
-                value = value.get(part) if hasattr(value, "get") else None
-            self.found.append(f"config.{key} must be {what}, got {value!r}")
+            self.found.append(f"config.{key} must be {what}, got {self.value(key)!r}")
 
     def value(self, key: str, default: Any = None) -> Any:
         node: Any = self.config

@@ -116,6 +116,12 @@ def test_zero_maps_give_pytorchs_finite_gradients():
     np.testing.assert_allclose(safe_norm(x, 2), np.linalg.norm(x, axis=-1), rtol=1e-6)
     np.testing.assert_allclose(safe_norm(x, 1), np.abs(x).sum(-1), rtol=1e-6)
     assert np.isnan(np.asarray(jax.grad(lambda v: jnp.linalg.norm(v))(jnp.zeros(3)))).all()
+    for order in (1, 2):  # an all-zero input: a finite gradient, torch.norm's (zero)
+        zero_grad = jax.grad(lambda v, o=order: jnp.sum(safe_norm(v, o)))(jnp.zeros((2, 3)))
+        zt = torch.zeros(2, 3, requires_grad=True)
+        zt.norm(p=order, dim=-1).sum().backward()
+        np.testing.assert_array_equal(zero_grad, zt.grad.numpy())
+        assert np.isfinite(zero_grad).all()
 
 
 class BiasFreeStem(nn.Module):

@@ -66,7 +66,6 @@ class InMemoryData(SpecFields):
     says: batches, sizes and the dataset's :class:`~at_jax.data.spec.DataSpec`."""
 
     counts_skipped = False  # no image is decoded during the run: nothing can be skipped
-    warnings: list[str] = []
 
     def __init__(self, data_config: Any, feed: Feed, mesh: Mesh):
         data = data_config
@@ -80,6 +79,7 @@ class InMemoryData(SpecFields):
         self.description = ds.source
         self.steps_per_epoch = self.n_train // feed.batch_size
         self.eval_report = DataReport()
+        self.warnings: list[str] = []  # the files were read whole: nothing to warn about later
         self._pool: dict | None = None
 
     def _pool_arrays(self) -> dict:
