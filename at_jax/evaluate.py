@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.analysis import pair_distances
+from at_jax.attention_copy import NO_COPY, VIT_PAIRS, AttentionCopy, attention_distances
 from at_jax.metrics import error_counts
 from at_jax.models import forward
 from at_jax.preprocess import normalize
@@ -35,26 +36,36 @@ def make_eval_fn(
     teacher_model: Optional[nn.Module] = None,
     pairs: Any = None,
     seed_strategy: str = "vmap",
+    copy: AttentionCopy = NO_COPY,
 ) -> Callable:
     """``jit((variables, batch, teacher_variables) -> sums)`` in eval mode.
 
     Sums over the batch's unmasked examples: ``errors``, ``top5_errors``, ``count`` and, with a
     ``teacher_model`` and ``pairs`` (see :func:`at_jax.losses.pair_activations`), the attention
     distance to the teacher per pair (``attention/<student><-<teacher>``, see
-    :func:`at_jax.analysis.pair_distances`). With ``seeds`` (their number), ``variables`` have
+    :func:`at_jax.analysis.pair_distances`; for ``pairs`` =
+    :data:`~at_jax.attention_copy.VIT_PAIRS`, two ViTs' attention KL per block,
+    :func:`~at_jax.attention_copy.attention_distances`). With ``copy`` on, the student runs with
+    the teacher's attention, as it trained. With ``seeds`` (their number), ``variables`` have
     a leading seed axis and every sum has one too; ``seed_strategy`` "vmap" or "unroll" as the
     train step's (:meth:`at_jax.step.Step.seed_strategy`)."""
 
     def single(variables, batch, teacher_variables):
         x = normalize(batch["image"], mean, std, dtype)
-        if teacher_model is None or pairs is None:
+        if teacher_model is None or (pairs is None and not copy.on):
             logits, _, _ = forward(model, variables, x)
             return error_counts(logits, batch["label"], batch["mask"])
-        logits, s_acts, _ = forward(model, variables, x)
         _, t_acts, _ = forward(teacher_model, teacher_variables, x.astype(jnp.float32))
+        logits, s_acts, _ = forward(model, variables, x, **copy.student_inputs(t_acts))
         out = error_counts(logits, batch["label"], batch["mask"])
         mask = batch["mask"].astype(jnp.float32)
-        for name, dist in pair_distances(s_acts, t_acts, pairs).items():
+        if pairs is None:
+            return out
+        if pairs == VIT_PAIRS:
+            distances = attention_distances(s_acts, t_acts)
+        else:
+            distances = pair_distances(s_acts, t_acts, pairs)
+        for name, dist in distances.items():
             out[f"attention/{name}"] = jnp.sum(dist * mask)
         return out
 
@@ -108,4 +119,5 @@ def student_eval_fn(step: Any) -> Callable:
         teacher_model=step.teacher_model,
         pairs=step.attention_pairs(),
         seed_strategy=step.seed_strategy(),
+        copy=step.networks.copy,
     )

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import finetune, losses, objective
+from at_jax.attention_copy import NO_COPY, VIT_PAIRS, AttentionCopy, paired_blocks
 from at_jax.data.spec import DataSpec
 from at_jax.models import forward
 from at_jax.models.build import build_model, compute_dtype
+from at_jax.models.vit import shared_drop_masks
 
 __all__ = ["Networks"]
 
@@ -24,7 +26,9 @@ __all__ = ["Networks"]
 class Networks:
     """The student ``model``, the ``teacher_model`` (or None) with variables of the shapes of
     ``teacher_variables``, and the term modules of the active ``terms``. ``bn_mode``
-    (``config.gradient.bn_mode``): batch norm in the gradient terms' input-gradient pass."""
+    (``config.gradient.bn_mode``): batch norm in the gradient terms' input-gradient pass.
+    ``copy`` (:class:`~at_jax.attention_copy.AttentionCopy`, ``config.attention_copy``): the
+    teacher's attention that the student's first blocks use instead of their own."""
 
     def __init__(
         self,
@@ -36,13 +40,16 @@ class Networks:
         bn_mode: str = "batch_stats",
         teacher_model: Optional[nn.Module] = None,
         teacher_variables: Any = None,
+        copy: AttentionCopy = NO_COPY,
     ):
-        if objective.needs_teacher(terms) and teacher_model is None:
+        if (objective.needs_teacher(terms) or copy.on) and teacher_model is None:
             raise ValueError(
-                "the loss uses a teacher term (at/kd/factt/...) but no teacher is set: "
-                "set config.teacher.workdir to a trained teacher's workdir"
+                f"the {'attention copy' if copy.on else 'loss'} uses a teacher (at/kd/atd/"
+                "factt/attention_copy...) but no teacher is set: set config.teacher.workdir to "
+                "a trained teacher's workdir"
             )
         self.model, self.spec, self.terms, self.dtype = model, spec, terms, dtype
+        self.copy = copy
         self.bn_mode, self.teacher_model = bn_mode, teacher_model
         dummy = self.dummy_input()
         # the student's variables as shapes ({"params", "batch_stats"})
@@ -55,6 +62,8 @@ class Networks:
             if teacher_model is None
             else jax.eval_shape(lambda v: forward(teacher_model, v, dummy)[1], teacher_variables)
         )
+        if copy.on:
+            copy.check_pair(self.student_shapes, self.teacher_shapes)
         self.term_modules = objective.term_modules(terms, self.student_shapes, self.teacher_shapes)
 
     @classmethod
@@ -68,6 +77,7 @@ class Networks:
             terms=objective.validate_terms(dict(config.loss)) if terms is None else terms,
             dtype=compute_dtype(config),
             bn_mode=config.get("gradient", {}).get("bn_mode", "batch_stats"),
+            copy=AttentionCopy.from_config(config),
             **teacher,
         )
 
@@ -76,10 +86,13 @@ class Networks:
 
     def attention_pairs(self) -> Optional[Any]:
         """The transfer points at which to measure the attention distance to the teacher: the
-        AT term's pairs when it is on, else ``"groups"``; None without a teacher or when the
-        two networks cannot be paired (their group counts differ)."""
+        AT term's pairs when it is on; else, for two ViTs, their self-attention
+        (:data:`~at_jax.attention_copy.VIT_PAIRS`); else ``"groups"``. None without a teacher
+        or when the two networks cannot be paired (their group counts differ)."""
         if self.teacher_model is None:
             return None
+        if "at" not in self.terms and paired_blocks(self.student_shapes, self.teacher_shapes):
+            return VIT_PAIRS
         pairs = self.terms.get("at", {}).get("pairs", "groups")
         try:
             losses.pair_activations(self.student_shapes, self.teacher_shapes, pairs)
@@ -106,14 +119,17 @@ class Networks:
         }
         return variables, terms
 
-    def student_fn(self, params, batch_stats, train: bool, dropout_key=None) -> Callable:
+    def student_fn(
+        self, params, batch_stats, train: bool, dropout_key=None, **inputs: Any
+    ) -> Callable:
         """``x -> (logits, activations, new_batch_stats)`` of the student (``dropout_key``: the
-        dropout masks in train mode, for models with dropout)."""
+        dropout masks in train mode, for models with dropout; ``inputs``: further arguments of
+        the model, as the copied attention)."""
         variables = {"params": params["student"]}
         if batch_stats:
             variables["batch_stats"] = batch_stats
         rngs = {"dropout": dropout_key} if train and dropout_key is not None else None
-        return lambda x: forward(self.model, variables, x, train=train, rngs=rngs)
+        return lambda x: forward(self.model, variables, x, train=train, rngs=rngs, **inputs)
 
     def outputs(
         self,
@@ -127,17 +143,26 @@ class Networks:
         """Student (train mode) and teacher (eval mode) forward passes of ``batch`` (images,
         labels) -> ``(StepOutputs, new batch statistics)``; ``schedule``: its ``weight_scale``
         and ``epoch``. The input-gradient pass of the gradient terms (``student_fn``) sees the
-        same dropout masks as the training forward (``key``), and batch norm as ``bn_mode``."""
+        same dropout masks as the training forward (``key``), and batch norm as ``bn_mode``. Two
+        ViTs of one depth share their drop-path masks; with attention copy the teacher runs
+        first and the student uses its attention."""
         images, labels = batch
-        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key)(images)
-        gradient_pass = self.student_fn(params, batch_stats, self.bn_mode == "batch_stats", key)
         t_logits, t_acts, teacher_fn, teacher = None, {}, None, self.teacher_model
+        masks = shared_drop_masks(self.model, teacher, jax.random.fold_in(key, 1), len(images))
+        shared: dict[str, Any] = {} if masks is None else {"drop_masks": masks}
         if teacher is not None:
 
             def teacher_fn(x):
                 return forward(teacher, teacher_variables, x)[0]
 
-            t_logits, t_acts, _ = forward(teacher, teacher_variables, images)
+            t_logits, t_acts, _ = forward(teacher, teacher_variables, images, **shared)
+        inputs = {**shared, **self.copy.student_inputs(t_acts)}
+        s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key, **inputs)(
+            images
+        )
+        gradient_pass = self.student_fn(
+            params, batch_stats, self.bn_mode == "batch_stats", key, **inputs
+        )
         bound = {
             name: functools.partial(module.apply, {"params": params["terms"][name]})
             for name, module in self.term_modules.items()

@@ -23,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from at_jax.attention_copy import AttentionCopy
 from at_jax.compilation_cache import default_cache_dir
 from at_jax.data import DATASETS, STREAMED
 from at_jax.data.config import default_data_config
@@ -113,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     config.gradient = ml_collections.ConfigDict({"bn_mode": "batch_stats"})
+    # Attention copy between ViTs (Li et al. 2024; at_jax.attention_copy): target "" (off),
+    # "attention", "q", "k" or "v"; the student's blocks 0..teacher depth+end_layer-1 use the
+    # teacher's (config.teacher.workdir)
+    config.attention_copy = ml_collections.ConfigDict({"target": "", "end_layer": -3})
 
     config.optimizer = ml_collections.ConfigDict(
         {
@@ -277,13 +282,26 @@ def _check_optimizer(p: _Problems) -> None:
     )
 
 
+def _check_copy(p: _Problems) -> None:
+    try:
+        copy = AttentionCopy.from_config(p.config)
+    except ValueError as e:
+        p.found.append(str(e))
+        return
+    if copy.on and not p.value("teacher.workdir"):
+        p.found.append(
+            f"config.attention_copy.target={copy.target!r} copies a teacher's attention: set "
+            "config.teacher.workdir to a trained ViT teacher's run (or a converted MAE/timm one)"
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ActiveTerms:
     """Check every value of ``config`` that can be checked without the data, before anything is
     built, and return the objective's active terms (checked once here; pass them on).
 
     Raises ``ValueError`` naming every key that is wrong, what it got and what it takes."""
     problems = _Problems(config)
-    for check in (_check_run, _check_data, _check_optimizer):
+    for check in (_check_run, _check_data, _check_optimizer, _check_copy):
         check(problems)
     if problems.found:
         raise ValueError("; ".join(problems.found))

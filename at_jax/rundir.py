@@ -67,6 +67,8 @@ NEUTRAL_DEFAULTS = {
     "freeze.modules": [],
     "optimizer.lr_batch_size": 0,
     "loss.atd.weight": 0,
+    "attention_copy.target": "",
+    "attention_copy.end_layer": -3,
 }
 
 

@@ -182,6 +182,8 @@ def _train(
         "dataset": config.data.name,
         "loss_terms": sorted(terms),
     }
+    if step.networks.copy.on:
+        facts["attention_copy"] = step.networks.copy.target
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
         return Loop(

@@ -79,18 +79,19 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
         raise ValueError(f"bad override for model {name!r}: {e}") from None
 
 
-def forward(model: nn.Module, variables, x, train: bool = False, rngs=None):
+def forward(model: nn.Module, variables, x, train: bool = False, rngs=None, **inputs):
     """Run ``model`` and collect its sown activations.
 
     Returns ``(logits, activations, new_batch_stats)``: activations map sown names to arrays
     (names sown inside submodules are joined with ``/``, e.g. ``backbone/group0``);
     ``new_batch_stats`` is the updated BN state when ``train`` (else ``None``). ``rngs`` (e.g.
-    ``{"dropout": key}``) feed models with dropout in train mode.
+    ``{"dropout": key}``) feed models with dropout in train mode; ``inputs``: further arguments
+    of the model's ``__call__`` (a ViT's ``given`` attention and ``drop_masks``).
     """
     mutable = ["intermediates"]
     if train and "batch_stats" in variables:
         mutable.append("batch_stats")
-    logits, state = model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
+    logits, state = model.apply(variables, x, train=train, mutable=mutable, rngs=rngs, **inputs)
     flat = traverse_util.flatten_dict(dict(state.get("intermediates", {})), sep="/")
     acts = {name: value[0] for name, value in flat.items()}
     return logits, acts, state.get("batch_stats")

@@ -39,7 +39,16 @@ import jax.numpy as jnp
 
 from at_jax.precision import upcast
 
-__all__ = ["VisionTransformer", "ViTBlock", "SelfAttention", "VIT_SIZES", "GIVEN_KINDS"]
+__all__ = [
+    "VisionTransformer",
+    "ViTBlock",
+    "SelfAttention",
+    "VIT_SIZES",
+    "GIVEN_KINDS",
+    "drop_path_masks",
+    "drop_path_rates",
+    "shared_drop_masks",
+]
 
 # name -> (width, depth, heads), as timm's and MAE's
 VIT_SIZES = {
@@ -106,6 +115,28 @@ def drop_path_masks(key: jax.Array, rate: float, batch: int) -> jax.Array:
     return jnp.floor(keep + jax.random.uniform(key, (2, batch))) / keep
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Block i's drop-path rate: rising linearly from 0 to ``rate`` over ``depth`` blocks (timm's
+    and the port's ``linspace(0, rate, depth)``)."""
+    return [rate * i / max(1, depth - 1) for i in range(depth)]
+
+
+def shared_drop_masks(
+    student: nn.Module, teacher: Optional[nn.Module], key: jax.Array, batch: int
+) -> Optional[jax.Array]:
+    """(depth, 2, B) drop-path masks for a ViT student and a ViT teacher of the same depth to
+    share in training, as the port's ``DualVisionTransformer`` draws them (the student's rates);
+    None when the pair has no drop path or is not two ViTs of one depth (each network then runs
+    as alone: the student with its own masks, the teacher without drop path)."""
+    if not (isinstance(student, VisionTransformer) and isinstance(teacher, VisionTransformer)):
+        return None
+    if student.drop_path_rate <= 0 or student.depth != teacher.depth:
+        return None
+    rates = drop_path_rates(student.drop_path_rate, student.depth)
+    keys = jax.random.split(key, student.depth)
+    return jnp.stack([drop_path_masks(k, r, batch) for k, r in zip(keys, rates, strict=True)])
+
+
 class ViTBlock(nn.Module):
     """A pre-norm transformer block; returns ``(tokens, attention's acts)``."""
 
@@ -126,9 +157,9 @@ class ViTBlock(nn.Module):
         c = x.shape[-1]
         if drop_masks is None and train and self.drop_path > 0:
             drop_masks = drop_path_masks(self.make_rng("dropout"), self.drop_path, x.shape[0])
-        masks: tuple[Any, Any] = (1.0, 1.0)
+        masks: tuple[Any, ...] = (1.0, 1.0)
         if drop_masks is not None:
-            masks = (drop_masks[0][:, None, None], drop_masks[1][:, None, None])
+            masks = tuple(drop_masks[j][:, None, None].astype(x.dtype) for j in range(2))
         y, acts = SelfAttention(self.num_heads, self.dtype, name="attn")(
             _layer_norm("norm1", self.dtype)(x), given, given_kind
         )
@@ -200,8 +231,7 @@ class VisionTransformer(nn.Module):
         )
         x = tokens + pos.astype(self.dtype)
         given = list(given or [])
-        for i in range(self.depth):
-            rate = self.drop_path_rate * i / max(1, self.depth - 1)
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             block = ViTBlock(self.num_heads, self.mlp_ratio, rate, self.dtype, name=f"blocks_{i}")
             own = given[i] if i < len(given) else None
             x, acts = block(
