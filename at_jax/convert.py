@@ -1,7 +1,16 @@
-"""torchvision ResNet weights → an at_jax run directory.
+"""torchvision ResNet or MAE/timm ViT weights → an at_jax run directory.
 
     python -m at_jax.convert --torchvision resnet34-b627a593.pth --model resnet-34 \
         --workdir runs/torchvision/resnet-34
+    python -m at_jax.convert --timm mae_pretrain_vit_large.pth --model vit-large/16 \
+        --workdir runs/mae/vit-large
+
+ViTs (MAE's and timm's layout, :mod:`at_jax.models.vit_convert`; the ``model`` entry of MAE's
+files): ``--image_size`` other than the checkpoint's resizes the position embedding bicubically as
+MAE's ``interpolate_pos_embed``; a checkpoint without a head (MAE pre-training) gets a zero
+classifier for the dataset's classes (``--num_classes`` where the dataset does not fix them): it
+is an attention teacher, whose test error means nothing. The heads' count is not in the weights:
+``--model`` gives it (vit-large/16: 16 heads).
 
 The run directory (``config.json`` + an Orbax checkpoint, like a trained run's) serves as
 ``config.teacher.workdir`` (a teacher, evaluated at the start of every student run) and as
@@ -26,7 +35,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +47,8 @@ from at_jax.checkpoints import Checkpoints
 from at_jax.data.catalog import dataset_spec
 from at_jax.files import write_json_atomic
 from at_jax.models import from_torchvision, get_model
+from at_jax.models.vit import VisionTransformer
+from at_jax.models.vit_convert import from_timm
 from at_jax.naming import natural_sorted
 from at_jax.rundir import CHECKPOINT_DIR, CONFIG_FILE
 from at_jax.teacher import write_data_info
@@ -52,7 +63,7 @@ __all__ = [
     "MODELS",
 ]
 
-MODELS = ("resnet-18", "resnet-34", "resnet-tiny")
+MODELS = ("resnet-18", "resnet-34", "resnet-tiny")  # --torchvision; --timm takes vit-SIZE/P
 
 
 class ConversionError(ValueError):
@@ -116,6 +127,75 @@ def _infer_model(state_dict: Mapping[str, Any]) -> str:
     )
 
 
+def _check_shapes(model, variables: dict, image_shape: tuple, model_name: str, looks: str) -> None:
+    """Raise unless ``variables`` have exactly the arrays ``model`` makes for ``image_shape``."""
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    want = {p: v.shape for p, v in traverse_util.flatten_dict(expected).items()}
+    got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(variables).items()}
+    if want != got:
+        missing = natural_sorted("/".join(p) for p in set(want) - set(got))
+        extra = natural_sorted("/".join(p) for p in set(got) - set(want))
+        shapes = natural_sorted(
+            f"{'/'.join(p)} {got[p]} (expected {want[p]})"
+            for p in set(want) & set(got)
+            if want[p] != got[p]
+        )
+        differ = "; ".join(
+            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("shapes", shapes))
+            if names
+        )
+        raise ConversionError(
+            f"the weights are not a {model_name} (they look like {looks}): {differ}. "
+            "Pass the matching --model."
+        )
+
+
+def to_vit_variables(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    image_size: int = 224,
+    num_classes: Optional[int] = None,
+) -> tuple[dict, int, dict]:
+    """``(variables, num_classes, model_overrides)`` of MAE/timm ViT weights for ``model_name``
+    (``vit-SIZE/P``) on ``image_size`` images; ``num_classes``: the zero head of a head-less
+    checkpoint."""
+    try:
+        model = get_model(model_name)
+    except ValueError as e:
+        raise ConversionError(f"--model: {e}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ConversionError(f"--timm converts ViTs: --model must be vit-SIZE/P, got {model_name}")
+    try:
+        grid = model.check((image_size, image_size))
+        variables, info = from_timm(state_dict, grid)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    looks = f"a ViT of width {info['width']}, depth {info['depth']}, patch {info['patch_size']}"
+    if (info["width"], info["depth"], info["patch_size"]) != (
+        model.embed_dim,
+        model.depth,
+        model.patch_size,
+    ):
+        raise ConversionError(f"the weights are not a {model_name}: they are {looks}")
+    classes = info["num_classes"]
+    if classes is None:  # MAE pre-training: an attention teacher, a zero classifier
+        if num_classes is None:
+            raise ConversionError(
+                "the checkpoint has no head (MAE pre-training): pass --num_classes, the class "
+                "count of the data it will teach on"
+            )
+        classes = num_classes
+        variables["params"]["head"] = {
+            "kernel": np.zeros((info["width"], classes), np.float32),
+            "bias": np.zeros((classes,), np.float32),
+        }
+    overrides = {"global_pool": True} if info["global_pool"] else {}
+    model = get_model(model_name, num_classes=classes, **overrides)
+    _check_shapes(model, variables, (image_size, image_size, info["channels"]), model_name, looks)
+    return variables, classes, overrides
+
+
 def to_variables(
     state_dict: Mapping[str, Any], model_name: str, image_size: int = 224
 ) -> tuple[dict, int]:
@@ -133,28 +213,9 @@ def to_variables(
     except (KeyError, ValueError) as e:
         raise ConversionError(f"not a torchvision ResNet state_dict: {e}") from None
     model = get_model(model_name, num_classes=num_classes)
-    expected = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
+    _check_shapes(
+        model, variables, (image_size, image_size, 3), model_name, _infer_model(state_dict)
     )
-    want = {p: v.shape for p, v in traverse_util.flatten_dict(expected).items()}
-    got = {p: v.shape for p, v in traverse_util.flatten_dict(variables).items()}
-    if want != got:
-        missing = natural_sorted("/".join(p) for p in set(want) - set(got))
-        extra = natural_sorted("/".join(p) for p in set(got) - set(want))
-        shapes = natural_sorted(
-            f"{'/'.join(p)} {got[p]} (expected {want[p]})"
-            for p in set(want) & set(got)
-            if want[p] != got[p]
-        )
-        differ = "; ".join(
-            f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}"
-            for what, names in (("missing", missing), ("unexpected", extra), ("shapes", shapes))
-            if names
-        )
-        raise ConversionError(
-            f"the weights are not a {model_name} (they look like {_infer_model(state_dict)}): "
-            f"{differ}. Pass the matching --model."
-        )
     return variables, num_classes
 
 
@@ -166,6 +227,7 @@ def write_run(
     dataset: str,
     image_size: int,
     source: dict,
+    model_overrides: Optional[dict] = None,
 ) -> None:
     """Write ``workdir`` as a run directory: config.json and a step-0 checkpoint (one seed)."""
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or os.path.isdir(
@@ -176,6 +238,7 @@ def write_run(
         )
     config = recipes.base_config()
     config.model = model_name
+    config.model_overrides = dict(model_overrides or {})
     config.data.name = dataset
     config.data.image_size = image_size
     config.num_epochs = 0
@@ -191,7 +254,9 @@ def write_run(
     state = {
         "step": jnp.zeros((1,), jnp.int32),
         "params": {"student": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["params"])},
-        "batch_stats": jax.tree.map(lambda a: jnp.asarray(a)[None], variables["batch_stats"]),
+        "batch_stats": jax.tree.map(
+            lambda a: jnp.asarray(a)[None], variables.get("batch_stats", {})
+        ),
     }
     checkpoints = Checkpoints(workdir, keep=1)
     try:
@@ -205,15 +270,41 @@ def write_run(
     write_data_info(workdir, spec.with_classes(num_classes))
 
 
+def _dataset_classes(dataset: str, image_size: int) -> Optional[int]:
+    config = recipes.base_config()
+    config.data.name, config.data.image_size = dataset, image_size
+    try:
+        return dataset_spec(config).num_classes
+    except ValueError as e:
+        raise ConversionError(f"--dataset: {e}") from None
+
+
 def convert(
-    path: str, model_name: str, workdir: str, dataset: str = "imagenet2012", image_size: int = 224
+    path: str,
+    model_name: str,
+    workdir: str,
+    dataset: str = "imagenet2012",
+    image_size: int = 224,
+    fmt: str = "torchvision",
+    num_classes: Optional[int] = None,
 ) -> dict:
-    """Convert ``path`` (torchvision state_dict, ``.pth`` or ``.npz``) into the run ``workdir``;
-    returns a summary."""
+    """Convert ``path`` (a ``.pth`` or ``.npz`` state_dict; ``fmt`` "torchvision" for ResNets,
+    "timm" for MAE/timm ViTs) into the run ``workdir``; returns a summary. ``num_classes``: the
+    classifier of a head-less ViT (default: the dataset's)."""
+    if fmt not in ("torchvision", "timm"):
+        raise ConversionError(f"fmt must be 'torchvision' or 'timm', got {fmt!r}")
     state_dict = read_state_dict(path)
-    variables, num_classes = to_variables(state_dict, model_name, image_size)
-    source = {"path": os.path.abspath(path), "sha256": _sha256(path), "format": "torchvision"}
-    write_run(workdir, variables, model_name, num_classes, dataset, image_size, source)
+    source = {"path": os.path.abspath(path), "sha256": _sha256(path), "format": fmt}
+    overrides: dict = {}
+    if fmt == "timm":
+        classes = num_classes or _dataset_classes(dataset, image_size)
+        variables, num_classes, overrides = to_vit_variables(
+            state_dict, model_name, image_size, classes
+        )
+        source["head"] = "converted" if "head.weight" in state_dict else "none (zeros)"
+    else:
+        variables, num_classes = to_variables(state_dict, model_name, image_size)
+    write_run(workdir, variables, model_name, num_classes, dataset, image_size, source, overrides)
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
     return {
         "workdir": workdir,
@@ -232,13 +323,24 @@ def main(argv=None) -> int:
         "sd = torch.load('IN.pth', map_location='cpu'); numpy.savez('OUT.npz', "
         '**{k: v.numpy() for k, v in sd.items()})"',
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--torchvision",
-        required=True,
         metavar="PATH",
         help="torchvision ResNet state_dict: .pth/.pt (needs torch) or .npz",
     )
-    parser.add_argument("--model", required=True, choices=MODELS)
+    source.add_argument(
+        "--timm",
+        "--mae",
+        dest="timm",
+        metavar="PATH",
+        help="MAE/timm ViT state_dict (MAE's files: their 'model' entry): .pth/.pt or .npz",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"{', '.join(MODELS)} (--torchvision) or vit-SIZE/P, e.g. vit-large/16 (--timm)",
+    )
     parser.add_argument("--workdir", required=True, help="the run directory to create")
     parser.add_argument(
         "--dataset",
@@ -246,16 +348,37 @@ def main(argv=None) -> int:
         help="what the weights were trained on, recorded in config.json "
         "(default imagenet2012: 1000 classes; 'imagefolder' for others)",
     )
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=224,
+        help="the images' side (a ViT's position embedding is resized to its patch grid)",
+    )
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="a head-less ViT's (zero) classifier: the class count of the data it will teach on "
+        "(default: the dataset's)",
+    )
     args = parser.parse_args(argv)
+    fmt = "timm" if args.timm else "torchvision"
     try:
-        summary = convert(args.torchvision, args.model, args.workdir, args.dataset, args.image_size)
+        summary = convert(
+            args.timm or args.torchvision,
+            args.model,
+            args.workdir,
+            args.dataset,
+            args.image_size,
+            fmt,
+            args.num_classes,
+        )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
         f"{summary['model']} ({summary['parameters']:,} parameters, {summary['num_classes']} "
-        f"classes) from {args.torchvision} -> {args.workdir}\n"
+        f"classes) from {args.timm or args.torchvision} -> {args.workdir}\n"
         f"use it as --config.teacher.workdir={args.workdir} or "
         f"--config.init_from={args.workdir}"
     )
