@@ -27,6 +27,7 @@ from at_jax.checkpoints import Checkpoints
 from at_jax.data.transforms import BadImageError
 from at_jax.files import write_json_atomic
 from at_jax.metrics import MetricsWriter, epoch_row, run_results, window_row
+from at_jax.optim import ema_params
 from at_jax.preemption import (
     Stopped,
     StopSignals,
@@ -326,14 +327,26 @@ class Loop:
             at.save(current)
 
     def test(self) -> dict:
-        """The test errors (and attention distances) of every seed now."""
-        variables = evaluate.student_variables(self.at.state)
+        """The test errors (and attention distances) of every seed now; with an EMA of the
+        weights (``config.optimizer.ema_decay``) its errors too (``ema_error``,
+        ``ema_top5_error``)."""
+        state = self.at.state
+        runs = {"": evaluate.student_variables(state)}
+        ema = ema_params(state.opt_state)
+        if ema is not None:
+            runs["ema_"] = {**runs[""], "params": ema["student"]}
+        out: dict = {}
         try:
-            return evaluate.evaluate(
-                self.eval_fn, variables, self.data.eval_batches(), self.teacher_variables
-            )
+            for prefix, variables in runs.items():
+                result = evaluate.evaluate(
+                    self.eval_fn, variables, self.data.eval_batches(), self.teacher_variables
+                )
+                if prefix:
+                    result = {k: v for k, v in result.items() if "error" in k}
+                out.update({prefix + k: v for k, v in result.items()})
         except BadImageError as e:
             raise self.at.bad_image(e) from None
+        return out
 
     def end_epoch(self, epoch: int) -> None:
         cadence, at = self.cadence, self.at

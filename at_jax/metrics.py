@@ -114,6 +114,7 @@ TEST_KEYS = {
     "error": "test/error",
     "top5_error": "test/top5_error",
     "attention/mean": "test/attention_distance",
+    "ema_error": "test/ema_error",
 }
 
 
@@ -188,6 +189,12 @@ def run_results(
     if len(final) > 1:
         out["final_test_error_per_seed"] = final
         out["best_test_error_per_seed"] = best
+    if "test/ema_error" in evaluated[-1]:  # an EMA of the weights (config.optimizer.ema_decay)
+        ema = np.asarray(
+            [r.get("test/ema_error_per_seed", [r["test/ema_error"]]) for r in evaluated]
+        )
+        out["final_ema_test_error"] = float(np.median(ema[-1]))
+        out["best_ema_test_error"] = float(np.median(ema.min(axis=0)))
     distances = {
         k[len("test/attention/") :]: v
         for k, v in evaluated[-1].items()

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import gradient, losses, vit_losses
+from at_jax.precision import upcast
 
 __all__ = [
     "ActiveTerms",
@@ -51,6 +52,7 @@ class StepOutputs:
     ``student_acts``/``teacher_acts`` map activation names to arrays. ``student_fn`` and
     ``teacher_fn`` are ``x -> logits`` of the two networks for the input-gradient terms
     (the student's with batch norm as ``config.gradient.bn_mode``; the teacher in eval mode).
+    ``targets``: (B, C) soft targets where the batch was mixed (mixup/CutMix), else None.
     ``term_modules`` maps the name of a term that owns parameters to its module applied with the
     current parameters (``out.term_module("factt")(acts)``). ``weight_scale`` is the multiplier
     for terms whose weight follows the learning-rate schedule; ``epoch`` (1-based) switches on
@@ -68,6 +70,7 @@ class StepOutputs:
     term_modules: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     weight_scale: jax.Array | float = 1.0
     epoch: jax.Array | int = 1
+    targets: Optional[jax.Array] = None
 
     def term_module(self, name: str) -> Optional[Callable]:
         """The parameterised module of term ``name`` (bound to its parameters), or None."""
@@ -235,9 +238,15 @@ def make_objective(
 
 
 @register_term("ce")
-def ce_term(out: StepOutputs) -> jax.Array:
-    """Cross-entropy with the labels."""
-    return losses.cross_entropy(out.student_logits, out.labels)
+def ce_term(out: StepOutputs, label_smoothing: float = 0.0) -> jax.Array:
+    """Cross-entropy with the labels, or with the soft targets of a mixed batch; with
+    ``label_smoothing`` s the targets are ``(1 − s)·t + s/C`` (timm's, MAE's recipe)."""
+    if out.targets is None and not label_smoothing:
+        return losses.cross_entropy(out.student_logits, out.labels)
+    classes = out.student_logits.shape[-1]
+    targets = out.targets if out.targets is not None else jax.nn.one_hot(out.labels, classes)
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / classes
+    return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(upcast(out.student_logits)), axis=-1))
 
 
 @register_term("kd", needs_teacher=True)

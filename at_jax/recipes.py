@@ -31,7 +31,7 @@ from at_jax.data.transforms import ON_BAD_IMAGE
 from at_jax.gradient import BN_MODES
 from at_jax.models.build import DTYPES
 from at_jax.objective import ActiveTerms, validate_terms
-from at_jax.optim import OPTIMIZERS
+from at_jax.optim import LAYER_DECAY_FORMS, OPTIMIZERS, SCHEDULES
 from at_jax.seeds import SEED_STRATEGIES
 
 __all__ = [
@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     term = {"weight": 0.0, "weight_schedule": "constant", "start_epoch": 0}
     config.loss = ml_collections.ConfigDict(
         {
-            "ce": {**term, "weight": 1.0},
+            "ce": {**term, "weight": 1.0, "label_smoothing": 0.0},
             "kd": {**term, "temperature": 4.0, "alpha": 0.9, "legacy": False},
             "at": {
                 **term,
@@ -131,6 +131,20 @@ def base_config() -> ml_collections.ConfigDict:
             # > 0: lr is given for batches of this size and the run uses lr × batch_size /
             # lr_batch_size (the ImageNet recipe's "0.1 per 256 images"); 0: lr as given
             "lr_batch_size": 0,
+            # MAE's fine-tuning recipe (at_jax.optim): name "adamw" (b1, b2), schedule
+            # "warmup_cosine" (warmup_epochs, then cosine to min_lr at cosine_epochs: not
+            # num_epochs, so that extending a run does not change its schedule), layer_decay
+            # < 1 for ViTs (form "port" or "mae"), clip_grad_norm > 0, ema_decay > 0
+            "schedule": "step",
+            "b1": 0.9,
+            "b2": 0.999,
+            "warmup_epochs": 0,
+            "min_lr": 0.0,
+            "cosine_epochs": 0,
+            "layer_decay": 1.0,
+            "layer_decay_form": "port",
+            "clip_grad_norm": 0.0,
+            "ema_decay": 0.0,
         }
     )
     config.batch_size = 128  # global batch (all devices and processes)
@@ -282,6 +296,51 @@ def _check_optimizer(p: _Problems) -> None:
     )
 
 
+def _check_mae_recipe(p: _Problems) -> None:
+    """MAE's fine-tuning recipe: AdamW, the warm-up + cosine schedule, layer decay, EMA,
+    label smoothing, mixup/CutMix, random erasing."""
+    schedule = p.value("optimizer.schedule", "step")
+    p.need(schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
+    for key, low, high in (("b1", 0, 1), ("b2", 0, 1), ("ema_decay", 0, 1)):
+        value = p.value(f"optimizer.{key}", 0.0)
+        p.need(_number(value) and low <= value < high, f"optimizer.{key}", "a number in [0, 1)")
+    if schedule == "warmup_cosine":
+        cosine, warmup = p.value("optimizer.cosine_epochs"), p.value("optimizer.warmup_epochs")
+        p.need(
+            _number(cosine) and cosine > 0,
+            "optimizer.cosine_epochs",
+            "a number > 0 with schedule warmup_cosine (the epoch the cosine reaches min_lr; "
+            "usually num_epochs)",
+        )
+        p.need(
+            _number(warmup) and 0 <= warmup < (cosine if _number(cosine) else 0),
+            "optimizer.warmup_epochs",
+            "a number in [0, cosine_epochs)",
+        )
+        min_lr = p.value("optimizer.min_lr")
+        p.need(_number(min_lr) and min_lr >= 0, "optimizer.min_lr", "a number >= 0")
+    decay = p.value("optimizer.layer_decay", 1.0)
+    p.need(_number(decay) and 0 < decay <= 1, "optimizer.layer_decay", "a number in (0, 1]")
+    form = p.value("optimizer.layer_decay_form", "port")
+    p.need(form in LAYER_DECAY_FORMS, "optimizer.layer_decay_form", f"one of {LAYER_DECAY_FORMS}")
+    clip = p.value("optimizer.clip_grad_norm", 0.0)
+    p.need(_number(clip) and clip >= 0, "optimizer.clip_grad_norm", "a number >= 0 (0 = off)")
+    smoothing = p.value("loss.ce.label_smoothing", 0.0)
+    p.need(_number(smoothing) and 0 <= smoothing < 1, "loss.ce.label_smoothing", "in [0, 1)")
+    for key in ("mixup", "cutmix"):
+        alpha = p.value(f"data.augment.{key}", 0.0)
+        p.need(_number(alpha) and alpha >= 0, f"data.augment.{key}", "an α >= 0 (0 = off)")
+    for key, default in (("random_erasing", 0.0), ("mixup_prob", 1.0), ("mixup_switch_prob", 0.5)):
+        value = p.value(f"data.augment.{key}", default)
+        p.need(_number(value) and 0 <= value <= 1, f"data.augment.{key}", "a probability in [0, 1]")
+    mixing = any(p.value(f"data.augment.{k}", 0.0) for k in ("mixup", "cutmix"))
+    if mixing and p.value("loss.kd.weight", 0.0):
+        p.found.append(
+            "config.loss.kd and data.augment.mixup/cutmix do not combine: KD's label term needs "
+            "the images' own labels; use ce (its soft targets) with mixing, or turn mixing off"
+        )
+
+
 def _check_copy(p: _Problems) -> None:
     try:
         copy = AttentionCopy.from_config(p.config)
@@ -301,7 +360,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ActiveTerms:
 
     Raises ``ValueError`` naming every key that is wrong, what it got and what it takes."""
     problems = _Problems(config)
-    for check in (_check_run, _check_data, _check_optimizer, _check_copy):
+    for check in (_check_run, _check_data, _check_optimizer, _check_mae_recipe, _check_copy):
         check(problems)
     if problems.found:
         raise ValueError("; ".join(problems.found))

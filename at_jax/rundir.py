@@ -69,6 +69,22 @@ NEUTRAL_DEFAULTS = {
     "loss.atd.weight": 0,
     "attention_copy.target": "",
     "attention_copy.end_layer": -3,
+    "loss.ce.label_smoothing": 0,
+    "optimizer.schedule": "step",
+    "optimizer.b1": 0.9,
+    "optimizer.b2": 0.999,
+    "optimizer.warmup_epochs": 0,
+    "optimizer.min_lr": 0,
+    "optimizer.cosine_epochs": 0,
+    "optimizer.layer_decay": 1,
+    "optimizer.layer_decay_form": "port",
+    "optimizer.clip_grad_norm": 0,
+    "optimizer.ema_decay": 0,
+    "data.augment.random_erasing": 0,
+    "data.augment.mixup": 0,
+    "data.augment.cutmix": 0,
+    "data.augment.mixup_prob": 1,
+    "data.augment.mixup_switch_prob": 0.5,
 }
 
 

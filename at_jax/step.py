@@ -38,6 +38,7 @@ from at_jax.data import augment as aug
 from at_jax.data.spec import DataSpec
 from at_jax.gradient import BN_MODES
 from at_jax.metrics import error_counts
+from at_jax.mixing import regularize
 from at_jax.models.build import DTYPES, build_model, compute_dtype
 from at_jax.networks import Networks
 from at_jax.preprocess import normalize
@@ -236,8 +237,11 @@ class Step:
 
     # ------------------------------------------------------------------ the step
 
-    def _outputs(self, params, batch_stats, teacher_variables, images, labels, step, key):
-        """The :class:`~at_jax.objective.StepOutputs` of one seed's batch at ``step``."""
+    def _outputs(
+        self, params, batch_stats, teacher_variables, images, labels, step, key, targets=None
+    ):
+        """The :class:`~at_jax.objective.StepOutputs` of one seed's batch at ``step``
+        (``targets``: a mixed batch's soft targets)."""
         return self.networks.outputs(
             params,
             batch_stats,
@@ -246,6 +250,7 @@ class Step:
             key,
             weight_scale=self.schedule(step) / self.lr0,
             epoch=step // self.steps_per_epoch + 1,
+            targets=targets,
         )
 
     def _train_step(self, state, batch, teacher_variables):
@@ -294,6 +299,9 @@ def train_single(step: Step, state: TrainState, batch: dict, teacher_variables: 
     jitted and mapped over the seeds by :attr:`Step.train_step`."""
     key = jax.random.fold_in(make_key(state.rng), state.step)
     images, labels = prepare_batch(batch, key, step.spec, step.augment, step.dtype, step.mesh)
+    images, targets = regularize(
+        jax.random.fold_in(key, 2), images, labels, step.spec.class_count(), step.augment
+    )
 
     def loss_fn(params):
         out, new_stats = step._outputs(
@@ -304,6 +312,7 @@ def train_single(step: Step, state: TrainState, batch: dict, teacher_variables: 
             labels,
             state.step,
             jax.random.fold_in(key, 1),
+            targets,
         )
         loss, measurements = step.objective(out)
         return loss, (measurements, new_stats, out.student_logits)

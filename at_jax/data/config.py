@@ -17,7 +17,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     data.data_dir = ""  # where local files are (or the TFDS data_dir)
     data.train_size = 0  # > 0: use only the first N training examples
     data.test_size = 0
-    data.augment = ml_collections.ConfigDict({"crop_pad": 4, "flip": True})
+    # crop_pad/flip: in-memory sets (streamed sets crop and flip on the host). On the device for
+    # both (at_jax.mixing, MAE's recipe): random_erasing (its probability), mixup and cutmix
+    # (their α; 0 = off), mixup_prob, mixup_switch_prob (CutMix's share when both are on)
+    data.augment = ml_collections.ConfigDict(
+        {
+            "crop_pad": 4,
+            "flip": True,
+            "random_erasing": 0.0,
+            "mixup": 0.0,
+            "cutmix": 0.0,
+            "mixup_prob": 1.0,
+            "mixup_switch_prob": 0.5,
+        }
+    )
     data.image_size = 224  # streamed sets: training crop / evaluation size
     data.num_workers = 2  # streamed sets: Grain worker processes (0: in-process)
     data.read_threads = 1  # streamed sets: threads per worker (batches in flight)
