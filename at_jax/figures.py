@@ -1,5 +1,7 @@
-"""Attention-map figures: call :func:`attention_figure` to save input images beside each model's
-attention maps at its transfer points, as a PNG (matplotlib)."""
+"""Attention-map figures, as PNGs (matplotlib): :func:`attention_figure` saves input images beside
+each model's spatial attention maps at its transfer points (the 2017 paper's);
+:func:`vit_attention_figure` beside ViTs' self-attention (the class token's attention over the
+patches, per head: what Li et al. 2024 transfer)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,7 +18,7 @@ from at_jax.attention import spatial_map
 from at_jax.naming import unknown_names_message
 from at_jax.preprocess import normalize
 
-__all__ = ["attention_figure"]
+__all__ = ["attention_figure", "vit_attention_figure"]
 
 Points = Union[Sequence[str], Mapping[str, Sequence[str]]]
 
@@ -69,11 +72,6 @@ def attention_figure(
     (one model at one point) has one colour scale over its images, from 0 to its largest value,
     drawn under it. Long labels and names are wrapped to their column. Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if mean is not None:
         if preprocess is not None:
             raise ValueError("give mean/std or preprocess, not both")
@@ -93,6 +91,49 @@ def attention_figure(
                 + unknown_names_message(missing, acts)
             )
         columns += [(label, n, np.asarray(spatial_map(acts[n]))) for n in names]
+    return _save_columns(path, images_u8, columns)
+
+
+def vit_attention_figure(
+    path: str,
+    images_u8: np.ndarray,
+    models: Mapping[str, Any],
+    block: int,
+    heads: Sequence[int] = (0, 1),
+    *,
+    preprocess: Preprocess = None,
+) -> str:
+    """Save a grid: one row per image, the image then, for each ViT and head, the class token's
+    attention over the patches in ``block`` (softmax of its sown ``block{i}.attention_logits``,
+    as a patch grid, one colour scale per column). ``models`` and ``preprocess`` as
+    :func:`attention_figure`'s. A copied student's sown attention is its own (what it would
+    attend to), not the teacher's that it used. Returns ``path``."""
+    prep = preprocess_for(preprocess, list(models))
+    name = f"block{block}.attention_logits"
+    columns = []
+    for label, model in models.items():
+        f = prep[label]
+        _, acts = as_model_fn(model)(images_u8 if f is None else f(images_u8))
+        if name not in acts:
+            raise ValueError(
+                f"model {label!r} has no {name}: " + unknown_names_message([name], acts)
+            )
+        attention = np.asarray(jnp.exp(jax.nn.log_softmax(acts[name], axis=-1)))
+        grid = acts[f"block{block}"].shape[1:3]  # the patch grid (h, w)
+        for head in heads:
+            maps = attention[:, head, 0, 1:].reshape(-1, *grid)
+            columns.append((label, f"block{block} head{head}", maps))
+    return _save_columns(path, images_u8, columns)
+
+
+def _save_columns(path: str, images_u8: np.ndarray, columns: list) -> str:
+    """The figure of :func:`attention_figure`: images, then ``(label, name, (N, h, w) maps)``
+    columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     n_img, n_cols = len(images_u8), 1 + len(columns)
     fig, axes = plt.subplots(
         n_img,

@@ -14,17 +14,16 @@ runs and reuses finished ones.
 import os
 import time
 
-import numpy as np
 from absl import app, flags, logging
-from scipy import stats
 
 from at_jax import devices, recipes, runs as run_lib, train
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import load_dataset
 from at_jax.errors import one_line_errors
 from at_jax.figures import attention_figure
-from at_jax.files import read_jsonl, write_json_atomic
+from at_jax.files import write_json_atomic
 from configs import fashion_mnist
+from experiments.paired import ALPHA, paired, per_seed, spread, verdict
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the runs, table and figure go.")
@@ -47,7 +46,6 @@ STUDENTS = (
     ("kd", "WRN-16-1 + KD"),
     ("at_kd", "WRN-16-1 + AT + KD"),
 )
-ALPHA = 0.05  # the paired t-test's level (two-sided)
 
 
 def demo_config(method: str, epochs: int, teacher_dir: str, seeds: int = 1):
@@ -74,51 +72,6 @@ def demo_config(method: str, epochs: int, teacher_dir: str, seeds: int = 1):
     # the reference schedule, compressed: lr × 0.2 at 50% and 75% of training
     config.optimizer.lr_decay_epochs = tuple(sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)}))
     return config
-
-
-def per_seed(results: dict, workdir: str) -> dict[str, np.ndarray]:
-    """A run's final test error and attention distance, one value per seed."""
-    errors = results.get("final_test_error_per_seed", [results["final_test_error"]])
-    last = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "test/error" in r][-1]
-    distance = last.get(
-        "test/attention_distance_per_seed",
-        [last["test/attention_distance"]] if "test/attention_distance" in last else [],
-    )
-    return {"error": np.asarray(errors, float), "distance": np.asarray(distance, float)}
-
-
-def paired(values: np.ndarray, baseline: np.ndarray) -> dict:
-    """The per-seed differences ``values − baseline``, their mean and range, and whether a
-    paired t-test over the seeds rejects "no difference" at level :data:`ALPHA`."""
-    diff = values - baseline
-    p = (
-        float(stats.ttest_rel(values, baseline).pvalue)
-        if len(diff) > 1 and diff.std() > 0
-        else (0.0 if len(diff) > 1 and diff.mean() != 0 else 1.0)
-    )
-    return {
-        "mean": float(diff.mean()),
-        "min": float(diff.min()),
-        "max": float(diff.max()),
-        "p": p,
-        "clear": p < ALPHA,
-    }
-
-
-def spread(values: np.ndarray, fmt: str) -> str:
-    median = format(float(np.median(values)), fmt)
-    if len(values) < 2:
-        return median
-    return f"{median} ({format(values.min(), fmt)}–{format(values.max(), fmt)})"
-
-
-def verdict(d: dict, fmt: str, lower: str, higher: str) -> str:
-    sign = lower if d["mean"] < 0 else higher
-    word = f"clearly {sign}" if d["clear"] else "not clear"
-    return (
-        f"{format(d['mean'], '+' + fmt)} [{format(d['min'], '+' + fmt)}, "
-        f"{format(d['max'], '+' + fmt)}] {word}"
-    )
 
 
 def print_table(rows: list, n_train: int, n_test: int, seeds: int) -> None:

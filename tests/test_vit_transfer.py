@@ -168,3 +168,61 @@ def test_evaluation_runs_the_copied_student_with_its_teacher(batch):
         rtol=1e-4,
         atol=1e-7,
     )
+
+
+def vit_run_config(idx_dir, method, **overrides):
+    """configs/vit_attention.py's Fashion-MNIST recipe, shrunk for the tiny 16×16 IDX set."""
+    from at_jax import recipes
+    from configs import vit_attention
+
+    config = vit_attention.get_config(f"{method},fashion_mnist")
+    config.model = "vit-tiny/4"
+    config.model_overrides.update(TINY)
+    config.data.data_dir, config.data.source = str(idx_dir), "local"
+    config.batch_size, config.eval_batch_size = 32, 64
+    config.num_epochs = config.optimizer.cosine_epochs = 1
+    config.optimizer.warmup_epochs = 0
+    config.compilation_cache_dir = ""
+    for key, value in overrides.items():
+        recipes.set_path(config, key, value)
+    return config
+
+
+def test_the_vit_recipe_trains_copy_and_distill_students_end_to_end(idx_dir, tmp_path):
+    """configs/vit_attention.py's methods through train_and_evaluate: a ViT teacher, then a
+    copied student (two seeds, mixup/CutMix, random erasing, EMA) and a distilled one; the
+    results name the copy, the attention KL per block and the EMA's error."""
+    from at_jax import train
+    from at_jax.recipes import validate_config
+
+    with pytest.raises(ValueError, match="attention_copy.target='attention' copies a teacher"):
+        validate_config(vit_run_config(idx_dir, "copy", **{"teacher.workdir": ""}))
+    with pytest.raises(ValueError, match="warmup_epochs must be a number in"):
+        validate_config(vit_run_config(idx_dir, "scratch", **{"optimizer.warmup_epochs": 1}))
+    teacher = str(tmp_path / "teacher")
+    done = train.train_and_evaluate(vit_run_config(idx_dir, "teacher"), teacher, progress=False)
+    assert done["model"] == "vit-tiny/4" and "final_ema_test_error" in done
+    copy = vit_run_config(
+        idx_dir,
+        "copy",
+        num_seeds=2,
+        **{
+            "teacher.workdir": teacher,
+            "attention_copy.end_layer": -1,
+            "data.augment.mixup": 0.8,
+            "data.augment.cutmix": 1.0,
+            "data.augment.random_erasing": 0.25,
+        },
+    )
+    results = train.train_and_evaluate(copy, str(tmp_path / "copy"), progress=False)
+    assert results["attention_copy"] == "attention"
+    assert len(results["final_test_error_per_seed"]) == 2
+    assert set(results["final_attention_distance"]) == {
+        "mean",
+        *(f"block{i}.attention<-block{i}.attention" for i in range(3)),
+    }
+    assert 0 <= results["final_ema_test_error"] <= 100
+    distill = vit_run_config(idx_dir, "distill", **{"teacher.workdir": teacher})
+    results = train.train_and_evaluate(distill, str(tmp_path / "distill"), progress=False)
+    assert results["loss_terms"] == ["atd", "ce"] and "attention_copy" not in results
+    assert results["final_attention_distance"]["mean"] > 0
