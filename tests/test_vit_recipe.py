@@ -11,11 +11,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from test_vit import torch
 
 from at_jax import objective, optim
 from at_jax.mixing import mix_batch, random_erasing, regularize, smooth_targets
 from at_jax.models import get_model
-from test_vit import torch
 
 DEPTH = 3
 
@@ -66,22 +66,42 @@ def test_the_weight_decay_mask(params):
     s = mask["student"]
     assert s["patch_embed"]["kernel"] and s["blocks_0"]["attn"]["qkv"]["kernel"]
     assert s["head"]["kernel"] and mask["terms"]["factt"]["kernel"]
-    assert not any([s["pos_embed"], s["cls_token"], s["patch_embed"]["bias"],
-                    s["blocks_0"]["norm1"]["scale"], s["blocks_2"]["fc2"]["bias"],
-                    s["norm"]["bias"]])
+    assert not any(
+        [
+            s["pos_embed"],
+            s["cls_token"],
+            s["patch_embed"]["bias"],
+            s["blocks_0"]["norm1"]["scale"],
+            s["blocks_2"]["fc2"]["bias"],
+            s["norm"]["bias"],
+        ]
+    )
 
 
 def port_lr(epoch, lr, min_lr, warmup, epochs):  # util/lr_sched.py's adjust_learning_rate
     if epoch < warmup:
         return lr * epoch / warmup
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+    cosine = math.cos(math.pi * (epoch - warmup) / (epochs - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + cosine)
 
 
 def mae_optimizer(**kw):
-    values = {"name": "adamw", "lr": 1e-3, "lr_batch_size": 256, "b1": 0.9, "b2": 0.95,
-              "weight_decay": 0.05, "schedule": "warmup_cosine", "warmup_epochs": 2,
-              "min_lr": 1e-6, "cosine_epochs": 10, "layer_decay": 0.75,
-              "layer_decay_form": "port", "clip_grad_norm": 0.0, "ema_decay": 0.0}
+    values = {
+        "name": "adamw",
+        "lr": 1e-3,
+        "lr_batch_size": 256,
+        "b1": 0.9,
+        "b2": 0.95,
+        "weight_decay": 0.05,
+        "schedule": "warmup_cosine",
+        "warmup_epochs": 2,
+        "min_lr": 1e-6,
+        "cosine_epochs": 10,
+        "layer_decay": 0.75,
+        "layer_decay_form": "port",
+        "clip_grad_norm": 0.0,
+        "ema_decay": 0.0,
+    }
     return ml_collections.ConfigDict({**values, **kw})
 
 
@@ -102,11 +122,16 @@ def test_adamw_with_layer_decay_and_the_mask_is_pytorchs(params):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     torch_params = [torch.tensor(np.asarray(v), requires_grad=True) for _, v in flat]
     groups = []
-    for (path, value), tp in zip(flat, torch_params):
+    for (path, value), tp in zip(flat, torch_params, strict=True):
         name = timm_name(path)
         no_decay = value.ndim == 1 or name.split(".")[-1] in ("pos_embed", "cls_token")
-        groups.append({"params": [tp], "weight_decay": 0.0 if no_decay else 0.05,
-                       "lr_scale": 0.75 ** (DEPTH - port_layer_id(name, DEPTH))})
+        groups.append(
+            {
+                "params": [tp],
+                "weight_decay": 0.0 if no_decay else 0.05,
+                "lr_scale": 0.75 ** (DEPTH - port_layer_id(name, DEPTH)),
+            }
+        )
     torch_opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     state, current = tx.init(params), params
     rng = np.random.default_rng(0)
@@ -115,11 +140,13 @@ def test_adamw_with_layer_decay_and_the_mask_is_pytorchs(params):
         updates, state = tx.update(jax.tree.unflatten(treedef, grads), state, current)
         current = optax.apply_updates(current, updates)
         lr = port_lr(step / steps_per_epoch, 1e-3, 1e-6, 2, 10)
-        for group, tp, g in zip(torch_opt.param_groups, torch_params, grads):
+        for group, tp, g in zip(torch_opt.param_groups, torch_params, grads, strict=True):
             group["lr"] = lr * group["lr_scale"]
             tp.grad = torch.tensor(g)
         torch_opt.step()
-    for (path, value), tp in zip(jax.tree_util.tree_flatten_with_path(current)[0], torch_params):
+    for (path, value), tp in zip(
+        jax.tree_util.tree_flatten_with_path(current)[0], torch_params, strict=True
+    ):
         np.testing.assert_allclose(value, tp.detach().numpy(), atol=1e-6, err_msg=timm_name(path))
 
 
@@ -129,15 +156,18 @@ def test_the_ema_after_k_steps_and_where_it_is_kept(params):
     state, current = tx.init(params), params
     expected = params
     for k in range(4):
-        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1 * (k + 1)), params)
+        grads = jax.tree.map(lambda p, k=k: jnp.full_like(p, 0.1 * (k + 1)), params)
         updates, state = tx.update(grads, state, current)
         current = optax.apply_updates(current, updates)
         expected = jax.tree.map(lambda e, c: 0.9 * e + 0.1 * c, expected, current)
     ema = optim.ema_params(state)
-    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ema["student"]["head"]["kernel"],  # frozen: unchanged
-                               params["student"]["head"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(
+        ema["student"]["head"]["kernel"],  # frozen: unchanged
+        params["student"]["head"]["kernel"],
+        rtol=1e-6,
+    )
     assert not np.allclose(ema["student"]["norm"]["bias"], params["student"]["norm"]["bias"])
     assert optim.ema_params(optim.build_optimizer(mae_optimizer(), 256, 4).init(params)) is None
 
@@ -145,19 +175,23 @@ def test_the_ema_after_k_steps_and_where_it_is_kept(params):
 def test_label_smoothing_is_pytorchs():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)), jnp.float32)
     labels = jnp.asarray([0, 3, 4, 1])
-    out = objective.StepOutputs(images=None, labels=labels, student_logits=logits,
-                                student_acts={})
+    out = objective.StepOutputs(images=None, labels=labels, student_logits=logits, student_acts={})
     ours = objective.ce_term(out, label_smoothing=0.1)
-    theirs = torch.nn.functional.cross_entropy(torch.tensor(np.asarray(logits)),
-                                               torch.tensor(np.asarray(labels, np.int64)),
-                                               label_smoothing=0.1)
+    theirs = torch.nn.functional.cross_entropy(
+        torch.tensor(np.asarray(logits)),
+        torch.tensor(np.asarray(labels, np.int64)),
+        label_smoothing=0.1,
+    )
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
     np.testing.assert_allclose(smooth_targets(labels, 5, 0.1)[1], [0.02, 0.02, 0.02, 0.92, 0.02])
     # a mixed batch's soft targets, then smoothed: the same as smoothing first (timm's order)
     soft = 0.7 * jax.nn.one_hot(labels, 5) + 0.3 * jax.nn.one_hot(labels[::-1], 5)
     mixed = objective.ce_term(
-        objective.StepOutputs(images=None, labels=labels, student_logits=logits,
-                              student_acts={}, targets=soft), label_smoothing=0.1)
+        objective.StepOutputs(
+            images=None, labels=labels, student_logits=logits, student_acts={}, targets=soft
+        ),
+        label_smoothing=0.1,
+    )
     first = 0.7 * smooth_targets(labels, 5, 0.1) + 0.3 * smooth_targets(labels[::-1], 5, 0.1)
     by_hand = -jnp.mean(jnp.sum(first * jax.nn.log_softmax(logits), -1))
     assert float(mixed) == pytest.approx(float(by_hand), rel=1e-6)
@@ -170,8 +204,9 @@ def test_mixup_and_cutmix_mix_images_and_labels_as_timm():
     y = jax.nn.one_hot(labels, 5)
     kinds = []
     for seed in range(40):
-        out, targets, lam = mix_batch(jax.random.key(seed), x, labels, 5, mixup_alpha=0.8,
-                                      cutmix_alpha=1.0, switch_prob=0.5)
+        out, targets, lam = mix_batch(
+            jax.random.key(seed), x, labels, 5, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5
+        )
         np.testing.assert_allclose(targets, lam * y + (1 - lam) * y[::-1], atol=1e-6)
         from_flipped = np.isclose(out, x[::-1]) & ~np.isclose(x, x[::-1])
         blended = np.allclose(out, lam * x + (1 - lam) * x[::-1], atol=1e-5)
