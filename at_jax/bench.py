@@ -1,6 +1,12 @@
 """Train-step benchmark: one JSON line with images/s of the whole jitted AT step.
 
     python -m at_jax.bench --student wrn-16-1 --teacher wrn-16-2 --method at --batch 128 --steps 50
+    python -m at_jax.bench --student vit-tiny/4 --teacher vit-tiny/4 --method vit_copy --batch 128
+
+ViT methods (Li et al. 2024): ``vit_copy`` (the student's blocks 0..depth−4 use the teacher's
+attention), ``vit_distill`` (the ``atd`` term, weight 3, end_layer −3) and ``vit_scratch`` (the
+student alone), each with MAE's optimiser (AdamW, warm-up + cosine); the PyTorch step of the same
+shapes is ``benchmarks/torch_vit_reference.py``.
 
 Times steady-state steps after compilation (``compile_s`` and the first step, ``first_step_s``,
 reported separately; ``peak_memory_bytes``: the device's peak, where it reports one) of the real
@@ -37,6 +43,9 @@ METHODS = {
     "grad_at": None,
     "min_l2": None,
     "symmetry": None,
+    "vit_scratch": "scratch",
+    "vit_copy": "copy",
+    "vit_distill": "distill",
 }
 
 FLAGS = flags.FLAGS
@@ -67,7 +76,13 @@ def bench_config(
 ):
     config = recipes.base_config()
     named = METHODS[method]
-    if named is not None:
+    if method.startswith("vit_"):
+        config.optimizer.update(
+            name="adamw", schedule="warmup_cosine", warmup_epochs=0.5, cosine_epochs=1
+        )
+        config.attention_copy.target = "attention" if named == "copy" else ""
+        config.loss.atd.weight = 3.0 if named == "distill" else 0.0
+    elif named is not None:
         recipes.apply_method(config, named, "")
     else:
         config.loss[method].weight = 1.0
@@ -90,12 +105,16 @@ def run(
     image_size=32,
     dataset_size=4096,
     seed_strategy="auto",
+    overrides=None,
 ) -> dict:
+    """Time the step (see the module doc); ``overrides``: model fields of both networks (e.g. a
+    smaller ViT: ``{"depth": 4}``)."""
     config = bench_config(method, student, batch, dtype, seeds, seed_strategy)
+    config.model_overrides = dict(overrides or {})
     shape = (image_size, image_size, 3)
     t_model, t_vars = None, None
-    if method != "ce" and method not in ("min_l2", "symmetry"):
-        t_model = get_model(teacher_name, num_classes=10)
+    if method not in ("ce", "min_l2", "symmetry", "vit_scratch"):
+        t_model = get_model(teacher_name, num_classes=10, **dict(overrides or {}))
         t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))
     spec = DataSpec(10, shape, CIFAR_MEAN, CIFAR_STD)
     st = step_lib.Step.from_config(

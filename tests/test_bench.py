@@ -10,22 +10,26 @@ from at_jax.data import bench as data_bench
 from conftest import make_image_folder
 
 
-@pytest.mark.parametrize("method,seeds", [("at", 1)])
-def test_bench_reports_the_contract_fields(method, seeds):
+@pytest.mark.parametrize(
+    "method,seeds,model", [("at", 1, "wrn-tiny"), ("vit_copy", 1, "vit-tiny/8")]
+)
+def test_bench_reports_the_contract_fields(method, seeds, model):
     result = bench.run(
         method,
-        "wrn-tiny",
-        "wrn-tiny",
+        model,
+        model,
         batch=16,
         steps=2,
         seeds=seeds,
         image_size=16,
         dataset_size=64,
+        overrides={"depth": 4, "embed_dim": 32, "num_heads": 2} if "vit" in model else None,
     )
     for key in ("images_per_s", "step_ms", "device", "method", "batch", "dtype", "compile_s"):
         assert key in result
     assert result["images_per_s"] > 0 and result["compile_s"] > 0
     assert result["method"] == method and result["seeds"] == seeds and result["batch"] == 16
+    assert result["teacher"] == model
 
 
 def test_data_bench_from_any_directory_on_a_folder_of_classes(tmp_path):
