@@ -27,6 +27,7 @@ from at_jax.attention_copy import AttentionCopy
 from at_jax.compilation_cache import default_cache_dir
 from at_jax.data import DATASETS, STREAMED
 from at_jax.data.config import default_data_config
+from at_jax.data.randaugment import parse_policy
 from at_jax.data.transforms import ON_BAD_IMAGE
 from at_jax.gradient import BN_MODES
 from at_jax.models.build import DTYPES
@@ -333,6 +334,18 @@ def _check_mae_recipe(p: _Problems) -> None:
     for key, default in (("random_erasing", 0.0), ("mixup_prob", 1.0), ("mixup_switch_prob", 0.5)):
         value = p.value(f"data.augment.{key}", default)
         p.need(_number(value) and 0 <= value <= 1, f"data.augment.{key}", "a probability in [0, 1]")
+    policy = p.value("data.augment.randaugment", "")
+    if policy:
+        try:
+            parse_policy(policy)
+        except ValueError as e:
+            p.found.append(f"config.data.augment.randaugment: {e}")
+        if p.value("data.name") in DATASETS:
+            p.found.append(
+                f"config.data.augment.randaugment runs in the streamed pipeline (on the host); "
+                f"{p.value('data.name')} is held in memory and augmented on the device: set it "
+                "to '' (or use a streamed set: imagefolder, imagenet2012, ...)"
+            )
     mixing = any(p.value(f"data.augment.{k}", 0.0) for k in ("mixup", "cutmix"))
     if mixing and p.value("loss.kd.weight", 0.0):
         p.found.append(

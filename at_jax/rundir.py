@@ -85,6 +85,7 @@ NEUTRAL_DEFAULTS = {
     "data.augment.cutmix": 0,
     "data.augment.mixup_prob": 1,
     "data.augment.mixup_switch_prob": 0.5,
+    "data.augment.randaugment": "",
 }
 
 

@@ -29,6 +29,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "cutmix": 0.0,
             "mixup_prob": 1.0,
             "mixup_switch_prob": 0.5,
+            # streamed sets, on the host: a timm RandAugment policy ("" = off; MAE's recipe:
+            # "rand-m9-mstd0.5-inc1"), see at_jax.data.randaugment
+            "randaugment": "",
         }
     )
     data.image_size = 224  # streamed sets: training crop / evaluation size

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from at_jax.data import sources as sources_lib
 from at_jax.data.batching import eval_batch_size
 from at_jax.data.catalog import IMAGENET_MEAN, IMAGENET_STD, STREAMED_CLASSES
+from at_jax.data.randaugment import RandAugment
 from at_jax.data.report import DataReport
 from at_jax.data.spec import DataSpec, Feed, SpecFields
 from at_jax.data.transforms import BadImageError, EvalRecord, TrainRecord, decode_image
@@ -273,6 +274,13 @@ class StreamedData(SpecFields):
             )
         return ds
 
+    def _randaugment(self) -> Optional[RandAugment]:
+        """``config.data.augment.randaugment`` (a timm policy; "" = off), filling with the
+        data's mean colour."""
+        policy = self.data.augment.get("randaugment", "")
+        fill = tuple(min(255, round(255 * m)) for m in self.spec.mean)
+        return RandAugment(policy, fill) if policy else None
+
     def train_dataset(
         self, process_index: Optional[int] = None, process_count: Optional[int] = None
     ) -> grain.MapDataset:
@@ -289,6 +297,7 @@ class StreamedData(SpecFields):
                 int(self.data.image_size),
                 bool(self.data.augment.get("flip", True)),
                 self.on_bad_image,
+                self._randaugment(),
             )
         )
         ds = ds[index::count]

@@ -203,11 +203,14 @@ def _output(img: Image.Image, record: dict, bbox: Any) -> dict:
 
 
 class TrainTransform:
-    """Grain ``random_map``: a record -> a randomly cropped, flipped S×S uint8 image."""
+    """Grain ``random_map``: a record -> a randomly cropped, flipped S×S uint8 image, then
+    RandAugment where ``randaugment`` (a :class:`~at_jax.data.randaugment.RandAugment`) is
+    given (timm's order)."""
 
-    def __init__(self, size: int, flip: bool = True):
+    def __init__(self, size: int, flip: bool = True, randaugment: Optional[Any] = None):
         self.size = int(size)
         self.flip = flip
+        self.randaugment = randaugment
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         img = open_image(record["image"])
@@ -221,6 +224,8 @@ class TrainTransform:
         img = _resized(img, box, (self.size, self.size), record["image"])
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            img = self.randaugment(img, rng)
         return _output(img, record, bbox)
 
 
@@ -256,9 +261,16 @@ class TrainRecord:
     reruns and resumed runs see the same batches); ``skipped_count`` and ``skipped_index`` (the
     first replaced index, or -1) report it."""
 
-    def __init__(self, source: Any, size: int, flip: bool = True, on_bad_image: str = "error"):
+    def __init__(
+        self,
+        source: Any,
+        size: int,
+        flip: bool = True,
+        on_bad_image: str = "error",
+        randaugment: Optional[Any] = None,
+    ):
         self.source = source
-        self.transform = TrainTransform(size, flip)
+        self.transform = TrainTransform(size, flip, randaugment)
         self.on_bad_image = _check_policy(on_bad_image)
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
