@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,32 @@ def parse_wrn(name: str) -> tuple[int, int]:
     return int(parts[1]), int(parts[2])
 
 
+def timed(run, steps: int, dev: torch.device, warmup: int = 2) -> tuple[float, float, Any]:
+    """``(first step s, seconds of `steps` steady steps, last loss)`` of ``run() -> loss``:
+    the first (compiling) step, ``warmup`` more (a compiled step may recompile once for the
+    optimizer state), then the timed ones; CUDA is synchronised around each phase."""
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    float(run().detach())
+    sync()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        run()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = run()
+    float(loss.detach())
+    sync()
+    return first_s, time.perf_counter() - t0, loss
+
+
 def time_step(
     student: str = "wrn-16-1",
     teacher: str = "wrn-16-2",
@@ -120,25 +147,7 @@ def time_step(
 
     run = torch.compile(step, backend=compile_backend) if compile else step
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    float(run().detach())
-    sync()
-    first_s = time.perf_counter() - t0
-    for _ in range(2):  # warm-up (a compiled step may recompile once for the optimizer state)
-        run()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = run()
-    float(loss.detach())
-    sync()
-    elapsed = time.perf_counter() - t0
+    first_s, elapsed, loss = timed(run, steps, dev)
     return {
         "images_per_s": steps * batch / elapsed,
         "step_ms": 1000 * elapsed / steps,

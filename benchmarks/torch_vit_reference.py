@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_reference import timed
 
 SIZES = {
     "tiny": (192, 12, 3),
@@ -108,22 +108,7 @@ def time_step(
         opt.step()
         return loss
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    float(step().detach())
-    sync()
-    first_s = time.perf_counter() - t0
-    step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    float(loss.detach())
-    sync()
-    elapsed = time.perf_counter() - t0
+    first_s, elapsed, loss = timed(step, steps, dev, warmup=1)
     return {
         "images_per_s": steps * batch / elapsed,
         "step_ms": 1000 * elapsed / steps,
@@ -137,6 +122,7 @@ def time_step(
         "image_size": image_size,
         "dtype": dtype,
         "steps": steps,
+        "loss": float(loss.detach()),
     }
 
 
