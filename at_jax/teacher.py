@@ -60,7 +60,7 @@ def read_data_info(workdir: str, config: ml_collections.ConfigDict) -> DataSpec:
 
 def load_run_variables(
     workdir: str,
-    num_classes: int,
+    num_classes: Optional[int],
     image_shape: tuple,
     seed_index: int = 0,
     step: Optional[int] = None,
@@ -68,8 +68,14 @@ def load_run_variables(
     """Restore a trained run's model for evaluation: ``(model, variables, config)``.
 
     Architecture from its ``config.json``, variables from its newest checkpoint (or ``step``),
-    seed ``seed_index`` of a multi-seed run. The model computes in float32."""
+    seed ``seed_index`` of a multi-seed run. The model computes in float32. ``num_classes``:
+    the classes it must classify (raises if it classifies others), or None for its own (an
+    attention teacher, whose logits are not used)."""
     variables, config, where = restore_variables(workdir, seed_index, step)
+    if num_classes is None:
+        num_classes = read_data_info(workdir, config).num_classes or _saved_num_classes(
+            config, variables, image_shape
+        )
     model = _evaluation_model(workdir, variables, config, where, num_classes, image_shape)
     return model, variables, config
 

@@ -78,21 +78,41 @@ def train_and_evaluate(
     return results
 
 
+# Terms that read only a ViT teacher's attention: with them (or attention copy) alone, the
+# teacher may classify other classes (a head-less MAE checkpoint, an ImageNet teacher).
+ATTENTION_ONLY_TERMS = frozenset({"ce", "atd"})
+
+
 def run_teacher(
-    teacher: ml_collections.ConfigDict, data: RunData, mesh: Any, say: Callable[[str], None]
+    teacher: ml_collections.ConfigDict,
+    data: RunData,
+    mesh: Any,
+    say: Callable[[str], None],
+    attention_only: bool = False,
 ) -> tuple[Any, Any, Optional[dict]]:
     """The run's teacher (``config.teacher``: ``workdir``, ``seed_index``) on ``mesh``:
     ``(model, variables, test errors)``, measured on ``data``'s test set; ``(None, {}, None)``
-    without one."""
+    without one. ``attention_only``: the run uses only the teacher's attention (attention
+    copy, the ``atd`` term), so a teacher of other classes is taken (its errors not measured)."""
     if not teacher.workdir:
         return None, {}, None
     spec = data.spec
     model, variables, teacher_cfg = teacher_lib.load_run_variables(
-        teacher.workdir, spec.class_count(), spec.image_shape, teacher.get("seed_index", 0)
+        teacher.workdir,
+        None if attention_only else spec.class_count(),
+        spec.image_shape,
+        teacher.get("seed_index", 0),
     )
     # host copies first: a global (multi-process) array is built from the same values on every
     # process
     variables = jax.device_put(jax.device_get(variables), replicated(mesh))
+    if model.num_classes != spec.class_count():
+        say(
+            f"teacher {teacher_cfg.model} ({teacher.workdir}): {model.num_classes} classes, "
+            f"this run has {spec.class_count()}: an attention teacher, its test error is not "
+            "measured"
+        )
+        return model, variables, None
     eval_fn = evaluate.make_eval_fn(model, spec.mean, spec.std)
     measured = evaluate.evaluate(eval_fn, variables, data.eval_batches())
     errors = {k: float(v) for k, v in measured.items()}
@@ -160,7 +180,12 @@ def _train(
     mesh = data_mesh()
     data = _open(config, mesh, is_main)
     stop_early()
-    teacher_model, teacher_variables, teacher_eval = run_teacher(config.teacher, data, mesh, say)
+    attention_only = set(terms) <= ATTENTION_ONLY_TERMS and (
+        "atd" in terms or bool(config.get("attention_copy", {}).get("target"))
+    )
+    teacher_model, teacher_variables, teacher_eval = run_teacher(
+        config.teacher, data, mesh, say, attention_only
+    )
     stop_early()
     step = Step.from_config(
         config,

@@ -192,7 +192,8 @@ def test_the_vit_recipe_trains_copy_and_distill_students_end_to_end(idx_dir, tmp
     """configs/vit_attention.py's methods through train_and_evaluate: a ViT teacher, then a
     copied student (two seeds, mixup/CutMix, random erasing, EMA) and a distilled one; the
     results name the copy, the attention KL per block and the EMA's error."""
-    from at_jax import train
+    from at_jax import convert, train
+    from at_jax.checkpoints import restore_variables
     from at_jax.recipes import validate_config
 
     with pytest.raises(ValueError, match="attention_copy.target='attention' copies a teacher"):
@@ -222,7 +223,18 @@ def test_the_vit_recipe_trains_copy_and_distill_students_end_to_end(idx_dir, tmp
         *(f"block{i}.attention<-block{i}.attention" for i in range(3)),
     }
     assert 0 <= results["final_ema_test_error"] <= 100
-    distill = vit_run_config(idx_dir, "distill", **{"teacher.workdir": teacher})
+    # an attention teacher of other classes (as a head-less MAE checkpoint): taken for
+    # distillation, its test error not measured
+    variables, _, _ = restore_variables(teacher)
+    variables["params"]["head"] = {"kernel": jnp.zeros((16, 7)), "bias": jnp.zeros(7)}
+    other = str(tmp_path / "seven-classes")
+    overrides = {**TINY, "global_pool": True}
+    convert.write_run(other, variables, "vit-tiny/4", 7, "imagefolder", 16, {}, overrides)
+    distill = vit_run_config(idx_dir, "distill", **{"teacher.workdir": other})
     results = train.train_and_evaluate(distill, str(tmp_path / "distill"), progress=False)
     assert results["loss_terms"] == ["atd", "ce"] and "attention_copy" not in results
     assert results["final_attention_distance"]["mean"] > 0
+    assert "teacher_test_error" not in results
+    with pytest.raises(ValueError, match="classifies 7 classes; this run has 10"):
+        kd = vit_run_config(idx_dir, "scratch", **{"teacher.workdir": other, "loss.kd.weight": 1})
+        train.train_and_evaluate(kd, str(tmp_path / "kd"), progress=False)
