@@ -51,7 +51,7 @@ class Networks:
         self.model, self.spec, self.terms, self.dtype = model, spec, terms, dtype
         self.copy = copy
         self.bn_mode, self.teacher_model = bn_mode, teacher_model
-        dummy = self.dummy_input()
+        dummy = dummy_input(self.spec, self.dtype)
         # the student's variables as shapes ({"params", "batch_stats"})
         self.variable_shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
         self.student_shapes = jax.eval_shape(
@@ -81,9 +81,6 @@ class Networks:
             **teacher,
         )
 
-    def dummy_input(self) -> jax.Array:
-        return jnp.zeros((2, *self.spec.image_shape), self.dtype)
-
     def attention_pairs(self) -> Optional[Any]:
         """The transfer points at which to measure the attention distance to the teacher: the
         AT term's pairs when it is on; else, for two ViTs, their self-attention
@@ -109,7 +106,7 @@ class Networks:
     ) -> tuple[Any, dict]:
         """``(student variables, term parameters)`` of one seed; ``pretrained`` variables (if
         any) replace the fresh ones but at the ``replaced`` paths."""
-        variables: Any = self.model.init(model_key, self.dummy_input())
+        variables: Any = self.model.init(model_key, dummy_input(self.spec, self.dtype))
         if pretrained is not None:
             variables = finetune.merge(variables, pretrained, set(replaced))
         acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.student_shapes)
@@ -141,21 +138,15 @@ class Networks:
         **schedule: Any,
     ) -> tuple[objective.StepOutputs, Any]:
         """Student (train mode) and teacher (eval mode) forward passes of ``batch`` (images,
-        labels) -> ``(StepOutputs, new batch statistics)``; ``schedule``: its ``weight_scale``
-        and ``epoch``. The input-gradient pass of the gradient terms (``student_fn``) sees the
-        same dropout masks as the training forward (``key``), and batch norm as ``bn_mode``. Two
-        ViTs of one depth share their drop-path masks; with attention copy the teacher runs
-        first and the student uses its attention."""
+        labels) -> ``(StepOutputs, new batch statistics)``; ``schedule``: ``weight_scale``,
+        ``epoch``, ``targets``. The gradient terms' input-gradient pass sees the training
+        forward's dropout masks (``key``), batch norm as ``bn_mode``. Two ViTs of one depth share
+        drop-path masks; with attention copy the student uses the teacher's attention."""
         images, labels = batch
-        t_logits, t_acts, teacher_fn, teacher = None, {}, None, self.teacher_model
+        teacher = self.teacher_model
         masks = shared_drop_masks(self.model, teacher, jax.random.fold_in(key, 1), len(images))
         shared: dict[str, Any] = {} if masks is None else {"drop_masks": masks}
-        if teacher is not None:
-
-            def teacher_fn(x):
-                return forward(teacher, teacher_variables, x)[0]
-
-            t_logits, t_acts, _ = forward(teacher, teacher_variables, images, **shared)
+        t_logits, t_acts, teacher_fn = _teacher_pass(teacher, teacher_variables, images, shared)
         inputs = {**shared, **self.copy.student_inputs(t_acts)}
         s_logits, s_acts, new_stats = self.student_fn(params, batch_stats, True, key, **inputs)(
             images
@@ -180,3 +171,21 @@ class Networks:
             **schedule,
         )
         return out, new_stats
+
+
+def dummy_input(spec: DataSpec, dtype: Any) -> jax.Array:
+    """A batch of two zero images of ``spec``'s shape: what shapes are traced with."""
+    return jnp.zeros((2, *spec.image_shape), dtype)
+
+
+def _teacher_pass(teacher: Optional[nn.Module], variables: Any, images: jax.Array, shared: dict):
+    """The teacher's ``(logits, activations, images -> logits)`` of a batch (eval mode;
+    ``shared``: the drop masks it shares with the student); ``(None, {}, None)`` without one."""
+    if teacher is None:
+        return None, {}, None
+
+    def teacher_fn(x):
+        return forward(teacher, variables, x)[0]
+
+    logits, acts, _ = forward(teacher, variables, images, **shared)
+    return logits, acts, teacher_fn

@@ -237,22 +237,6 @@ class Step:
 
     # ------------------------------------------------------------------ the step
 
-    def _outputs(
-        self, params, batch_stats, teacher_variables, images, labels, step, key, targets=None
-    ):
-        """The :class:`~at_jax.objective.StepOutputs` of one seed's batch at ``step``
-        (``targets``: a mixed batch's soft targets)."""
-        return self.networks.outputs(
-            params,
-            batch_stats,
-            teacher_variables,
-            (images, labels),
-            key,
-            weight_scale=self.schedule(step) / self.lr0,
-            epoch=step // self.steps_per_epoch + 1,
-            targets=targets,
-        )
-
     def _train_step(self, state, batch, teacher_variables):
         axes = {k: (0 if k == "index" else None) for k in batch}
         one_seed = functools.partial(train_single, self)
@@ -304,15 +288,15 @@ def train_single(step: Step, state: TrainState, batch: dict, teacher_variables: 
     )
 
     def loss_fn(params):
-        out, new_stats = step._outputs(
+        out, new_stats = step.networks.outputs(
             params,
             state.batch_stats,
             teacher_variables,
-            images,
-            labels,
-            state.step,
+            (images, labels),
             jax.random.fold_in(key, 1),
-            targets,
+            weight_scale=step.schedule(state.step) / step.lr0,
+            epoch=state.step // step.steps_per_epoch + 1,
+            targets=targets,  # a mixed batch's soft targets (None otherwise)
         )
         loss, measurements = step.objective(out)
         return loss, (measurements, new_stats, out.student_logits)

@@ -274,13 +274,6 @@ class StreamedData(SpecFields):
             )
         return ds
 
-    def _randaugment(self) -> Optional[RandAugment]:
-        """``config.data.augment.randaugment`` (a timm policy; "" = off), filling with the
-        data's mean colour."""
-        policy = self.data.augment.get("randaugment", "")
-        fill = tuple(min(255, round(255 * m)) for m in self.spec.mean)
-        return RandAugment(policy, fill) if policy else None
-
     def train_dataset(
         self, process_index: Optional[int] = None, process_count: Optional[int] = None
     ) -> grain.MapDataset:
@@ -297,7 +290,7 @@ class StreamedData(SpecFields):
                 int(self.data.image_size),
                 bool(self.data.augment.get("flip", True)),
                 self.on_bad_image,
-                self._randaugment(),
+                _randaugment(self.data.augment.get("randaugment", ""), self.spec.mean),
             )
         )
         ds = ds[index::count]
@@ -360,6 +353,13 @@ class StreamedData(SpecFields):
         shown = [f"{name} ({_skip_reason(name)})" for name in names]
         more = len(set(indices)) - len(shown)
         return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def _randaugment(policy: str, mean: tuple) -> Optional[RandAugment]:
+    """RandAugment of ``policy`` (``config.data.augment.randaugment``, a timm policy string; ""
+    = off), filling with the data's ``mean`` colour."""
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    return RandAugment(policy, fill) if policy else None
 
 
 def _skip_reason(image: Any) -> str:
