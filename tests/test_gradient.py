@@ -185,7 +185,7 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
 
         @jax.jit
         def input_grad(params, stats, st=st):
-            out, _ = st._outputs(params, stats, {}, x, y, 0, jax.random.key(1))
+            out, _ = st.networks.outputs(params, stats, {}, (x, y), jax.random.key(1))
             return gradient.input_gradient(out.student_fn, x, y)
 
         grads[mode] = input_grad(state.params, stats)
