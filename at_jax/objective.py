@@ -14,11 +14,13 @@ Adding a distillation method means writing one such function and naming it in a 
 A term that owns trainable parameters registers a module factory (``module=``): the step
 initialises it, trains its parameters with the student's (``params["terms"][name]``) and hands
 it to the term as ``out.term_module(name)`` — F-ActT's 1×1 adapters (:class:`FActTAdapters`).
+
+The registry itself (:class:`StepOutputs`, :func:`register_term`) lives in :mod:`at_jax.terms`,
+below the terms of every family; this module re-exports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -29,6 +31,17 @@ import jax.numpy as jnp
 
 from at_jax import gradient, losses, vit_losses
 from at_jax.precision import upcast
+from at_jax.terms import (
+    SPEC_KEYS,
+    WEIGHT_SCHEDULES,
+    StepOutputs,
+    module_factory,
+    needs_teacher_term,
+    register_term,
+    registered,
+    term_names,
+    term_options,
+)
 
 __all__ = [
     "ActiveTerms",
@@ -43,93 +56,6 @@ __all__ = [
     "FActTAdapters",
     "WEIGHT_SCHEDULES",
 ]
-
-
-@dataclasses.dataclass
-class StepOutputs:
-    """What a train step computed, handed to every loss term.
-
-    ``student_acts``/``teacher_acts`` map activation names to arrays. ``student_fn`` and
-    ``teacher_fn`` are ``x -> logits`` of the two networks for the input-gradient terms
-    (the student's with batch norm as ``config.gradient.bn_mode``; the teacher in eval mode).
-    ``targets``: (B, C) soft targets where the batch was mixed (mixup/CutMix), else None.
-    ``term_modules`` maps the name of a term that owns parameters to its module applied with the
-    current parameters (``out.term_module("factt")(acts)``). ``weight_scale`` is the multiplier
-    for terms whose weight follows the learning-rate schedule; ``epoch`` (1-based) switches on
-    terms with a ``start_epoch``.
-    """
-
-    images: jax.Array
-    labels: jax.Array
-    student_logits: jax.Array
-    student_acts: Mapping[str, jax.Array]
-    teacher_logits: Optional[jax.Array] = None
-    teacher_acts: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
-    student_fn: Optional[Callable[[jax.Array], jax.Array]] = None
-    teacher_fn: Optional[Callable[[jax.Array], jax.Array]] = None
-    term_modules: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
-    weight_scale: jax.Array | float = 1.0
-    epoch: jax.Array | int = 1
-    targets: Optional[jax.Array] = None
-
-    def term_module(self, name: str) -> Optional[Callable]:
-        """The parameterised module of term ``name`` (bound to its parameters), or None."""
-        return self.term_modules.get(name)
-
-    def require_teacher(self, term: str) -> None:
-        if self.teacher_logits is None:
-            raise ValueError(f"loss term {term!r} needs a teacher: set config.teacher.workdir")
-
-    def require_student_fn(self, term: str) -> Callable[[jax.Array], jax.Array]:
-        if self.student_fn is None:
-            raise ValueError(
-                f"loss term {term!r} needs the student as a function of its input "
-                "(StepOutputs.student_fn)"
-            )
-        return self.student_fn
-
-
-TermFn = Callable[..., jax.Array]
-# module(student_acts, teacher_acts, **options) -> flax module or None; acts may be shape structs
-ModuleFactory = Callable[..., Optional[nn.Module]]
-_TERMS: dict[str, TermFn] = {}
-_MODULES: dict[str, ModuleFactory] = {}
-_TEACHER_TERMS: set[str] = set()
-WEIGHT_SCHEDULES = ("constant", "lr")
-_SPEC_KEYS = ("weight", "weight_schedule", "start_epoch")
-
-
-def register_term(
-    name: str, needs_teacher: bool = False, module: Optional[ModuleFactory] = None
-) -> Callable[[TermFn], TermFn]:
-    """Decorator registering ``fn(out: StepOutputs, **options) -> scalar`` under ``name``.
-
-    A term that owns trainable parameters (F-ActT's adapters) passes ``module``: a function of the
-    student's and teacher's activations (shapes) and the term's options that returns a flax
-    module (or None when none is needed). The train step initialises it on the student's
-    activations, trains its ``params`` with the student's (``params['terms'][name]``), and hands
-    it to the term as ``out.term_module(name)``.
-    """
-
-    def wrap(fn: TermFn) -> TermFn:
-        _TERMS[name] = fn
-        if needs_teacher:
-            _TEACHER_TERMS.add(name)
-        if module is not None:
-            _MODULES[name] = module
-        return fn
-
-    return wrap
-
-
-def term_names() -> list[str]:
-    """The registered terms' names."""
-    return sorted(_TERMS)
-
-
-def term_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A term's own options (without ``weight``, ``weight_schedule`` and ``start_epoch``)."""
-    return {k: v for k, v in options.items() if k not in _SPEC_KEYS}
 
 
 class ActiveTerms(dict):
@@ -153,7 +79,8 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
     active = ActiveTerms()
     for name, options in spec.items():
         options = dict(options)
-        if name not in _TERMS:
+        fn = registered(name)
+        if fn is None:
             raise ValueError(f"unknown loss term {name!r}; known terms: {', '.join(term_names())}")
         weight = options.get("weight", 1.0)
         if not isinstance(weight, (int, float)):
@@ -164,10 +91,10 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
                 f"loss term {name!r}: weight_schedule must be one of "
                 f"{WEIGHT_SCHEDULES}, got {schedule!r}"
             )
-        params = inspect.signature(_TERMS[name]).parameters
-        unknown = [k for k in options if k not in _SPEC_KEYS and k not in params]
+        params = inspect.signature(fn).parameters
+        unknown = [k for k in options if k not in SPEC_KEYS and k not in params]
         if unknown:
-            allowed = [k for k in params if k != "out"] + list(_SPEC_KEYS)
+            allowed = [k for k in params if k != "out"] + list(SPEC_KEYS)
             raise ValueError(f"loss term {name!r} has no option(s) {unknown}; options: {allowed}")
         start = options.get("start_epoch", 0)
         if not isinstance(start, int) or start < 0:
@@ -184,7 +111,7 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
 
 def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether an active term of ``spec`` needs a teacher."""
-    return any(name in _TEACHER_TERMS for name in _active(spec))
+    return any(needs_teacher_term(name) for name in _active(spec))
 
 
 def term_modules(
@@ -195,8 +122,9 @@ def term_modules(
     """The parameterised modules of the active terms of ``spec``, by term name."""
     modules = {}
     for name, options in _active(spec).items():
-        if name in _MODULES:
-            module = _MODULES[name](student_acts, teacher_acts, **term_options(options))
+        factory = module_factory(name)
+        if factory is not None:
+            module = factory(student_acts, teacher_acts, **term_options(options))
             if module is not None:
                 modules[name] = module
     return modules
@@ -220,7 +148,7 @@ def make_objective(
         total = jnp.zeros((), jnp.float32)
         measurements = {}
         for name, options in active.items():
-            value = _TERMS[name](out, **term_options(options))
+            value = registered(name)(out, **term_options(options))  # type: ignore[misc]
             weight = options.get("weight", 1.0)
             if options.get("weight_schedule", "constant") == "lr":
                 weight = weight * out.weight_scale
