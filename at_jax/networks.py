@@ -110,8 +110,13 @@ class Networks:
         if pretrained is not None:
             variables = finetune.merge(variables, pretrained, set(replaced))
         acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.student_shapes)
-        terms = {
-            name: module.init(jax.random.fold_in(terms_key, i), acts).get("params", {})
+        t_acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.teacher_shapes)
+        terms = {  # a module that reads the teacher's activations (reads_teacher) gets them too
+            name: module.init(
+                jax.random.fold_in(terms_key, i),
+                acts,
+                *((t_acts,) if getattr(module, "reads_teacher", False) else ()),
+            ).get("params", {})
             for i, (name, module) in enumerate(sorted(self.term_modules.items()))
         }
         return variables, terms

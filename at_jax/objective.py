@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import gradient, losses, vit_losses
+from at_jax.distill import terms as _distill_terms  # noqa: F401  (registers the baselines' terms)
 from at_jax.precision import upcast
 from at_jax.terms import (
     SPEC_KEYS,

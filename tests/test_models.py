@@ -144,6 +144,7 @@ def test_nin_and_resnet_sow_their_transfer_points():
         "layer2": (1, 8, 8, 128),
         "layer3": (1, 4, 4, 256),
         "layer4": (1, 2, 2, 512),
+        "features": (1, 512),  # the pooled vector the relational baselines read
     }
 
 

@@ -75,6 +75,7 @@ class ResNet(nn.Module):
                 )(x, train)
             self.sow("intermediates", f"layer{stage + 1}", x)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # the pooled vector (RepDistiller's feat[-1])
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
 
 

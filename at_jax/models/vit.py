@@ -245,4 +245,5 @@ class VisionTransformer(nn.Module):
             x = _layer_norm("fc_norm", self.dtype)(jnp.mean(x[:, 1:], axis=1))
         else:
             x = _layer_norm("norm", self.dtype)(x)[:, 0]
+        self.sow("intermediates", "features", x)  # what the head reads
         return upcast(_dense(self.num_classes, "head", self.dtype)(x))

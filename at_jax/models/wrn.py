@@ -60,7 +60,8 @@ class WRNBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-width. ``__call__(x, train)`` maps NHWC images to logits and sows group outputs."""
+    """WRN-depth-width. ``__call__(x, train)`` maps NHWC images to logits and sows group outputs
+    (``group{g}``, ``group{g}.block{i}``) and the pooled vector (``features``)."""
 
     depth: int = 16
     width: int = 1
@@ -89,4 +90,5 @@ class WideResNet(nn.Module):
             self.sow("intermediates", f"group{g}", x)
         x = nn.relu(batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x))
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # the pooled vector (RepDistiller's feat[-1])
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))

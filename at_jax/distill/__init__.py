@@ -1,0 +1,12 @@
+"""The distillation baselines as pure JAX array functions, one small module per family, and
+(:mod:`at_jax.distill.terms`) as registered objective terms.
+
+* :mod:`at_jax.distill.relational`: SP, CC, RKD, PKT (relations between a batch's examples);
+* :mod:`at_jax.distill.features`: FitNet's hint, NST, VID (feature maps, ``channel_axis``);
+* :mod:`at_jax.distill.logits`: DKD.
+
+Each follows its reference code (RepDistiller at b84f547, ``distiller_zoo/``; mdistiller at
+a08d46f for DKD): the teacher's side is under ``stop_gradient``; where the reference and its paper
+differ, the docstring says so and the paper's form is an option. The functions do not import the
+train step: use them in any training code.
+"""
