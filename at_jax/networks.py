@@ -109,16 +109,7 @@ class Networks:
         variables: Any = self.model.init(model_key, dummy_input(self.spec, self.dtype))
         if pretrained is not None:
             variables = finetune.merge(variables, pretrained, set(replaced))
-        acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.student_shapes)
-        t_acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.teacher_shapes)
-        terms = {  # a module that reads the teacher's activations (reads_teacher) gets them too
-            name: module.init(
-                jax.random.fold_in(terms_key, i),
-                acts,
-                *((t_acts,) if getattr(module, "reads_teacher", False) else ()),
-            ).get("params", {})
-            for i, (name, module) in enumerate(sorted(self.term_modules.items()))
-        }
+        terms = init_terms(self.term_modules, terms_key, self.student_shapes, self.teacher_shapes)
         return variables, terms
 
     def student_fn(
@@ -181,6 +172,23 @@ class Networks:
 def dummy_input(spec: DataSpec, dtype: Any) -> jax.Array:
     """A batch of two zero images of ``spec``'s shape: what shapes are traced with."""
     return jnp.zeros((2, *spec.image_shape), dtype)
+
+
+def init_terms(
+    modules: Mapping[str, nn.Module], key: jax.Array, student_shapes: Any, teacher_shapes: Any
+) -> dict:
+    """The parameters of the term ``modules``, initialised on zero activations of the
+    student's (and, for a module that reads them, ``reads_teacher``, the teacher's) shapes."""
+    acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), student_shapes)
+    t_acts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), teacher_shapes)
+    return {
+        name: module.init(
+            jax.random.fold_in(key, i),
+            acts,
+            *((t_acts,) if getattr(module, "reads_teacher", False) else ()),
+        ).get("params", {})
+        for i, (name, module) in enumerate(sorted(modules.items()))
+    }
 
 
 def _teacher_pass(teacher: Optional[nn.Module], variables: Any, images: jax.Array, shared: dict):
