@@ -13,7 +13,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 
 # read_jsonl and write_json_atomic lived here before at_jax.files: importable from here too
 from at_jax.files import read_jsonl, write_json_atomic, write_json_lines_atomic  # noqa: F401
@@ -29,6 +28,25 @@ __all__ = [
     "METRICS_FILE",
     "RESULTS_FILE",
 ]
+
+
+def _summary_writer_class() -> Any:
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch
+    when it is installed (about 2 s, in every run and every Grain worker) only to accept torch
+    tensors, which this module never gives it. Where torch is already imported it is used."""
+    import sys
+
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
 
 # metrics that are counts over the steps (reported as totals, not as means per example)
 COUNTS = ("train/skipped_images",)
@@ -64,7 +82,7 @@ class MetricsWriter:
         self.history = kept
         if enabled:
             write_json_lines_atomic(self.path, kept)
-            self.tb = SummaryWriter(
+            self.tb = _summary_writer_class()(
                 os.path.join(workdir, "tensorboard"),
                 purge_step=resume_step + 1 if resume_step else None,
             )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grimp
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "at_jax")
@@ -101,3 +102,18 @@ def test_loading_a_teacher_imports_no_train_step_and_no_optax():
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_cli_and_its_tensorboard_writer_do_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch when it is installed (seconds in every run and Grain worker);
+    at_jax writes its event files without it, and torch stays importable afterwards."""
+    pytest.importorskip("torch")  # installed by `make test`
+    code = (
+        "import sys, at_jax.main; from at_jax.metrics import MetricsWriter; "
+        f"w = MetricsWriter({str(tmp_path)!r}, 0); w.tb.add_scalar('x', 1.0, 1); w.tb.close(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "import torch; print(torch.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "torch", out.stdout + out.stderr
+    assert any(n.startswith("events.out") for n in os.listdir(tmp_path / "tensorboard"))

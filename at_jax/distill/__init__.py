@@ -3,7 +3,9 @@
 
 * :mod:`at_jax.distill.relational`: SP, CC, RKD, PKT (relations between a batch's examples);
 * :mod:`at_jax.distill.features`: FitNet's hint, NST, VID (feature maps, ``channel_axis``);
-* :mod:`at_jax.distill.logits`: DKD.
+* :mod:`at_jax.distill.logits`: DKD;
+* :mod:`at_jax.distill.stagewise`: AB, FSP, FT (the methods RepDistiller trains in two stages);
+* :mod:`at_jax.distill.contrastive`: CRD (embeddings, NCE, its memory bank as state).
 
 Each follows its reference code (RepDistiller at b84f547, ``distiller_zoo/``; mdistiller at
 a08d46f for DKD): the teacher's side is under ``stop_gradient``; where the reference and its paper
