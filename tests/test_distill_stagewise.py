@@ -200,7 +200,8 @@ def test_crd_two_steps_with_the_memory_update_are_the_references():
     """Two batches (the second sees the banks the first updated and the Z the first set):
     the loss, both embeddings' gradients and both banks, against ContrastMemory/CRDLoss."""
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
-    state = contrastive.init_crd_state(jax.random.key(0), labels, dim=8)
+    state = contrastive.init_crd_state(jax.random.key(0), len(labels), dim=8)
+    index = contrastive.class_index(labels)
     stdv = 1 / np.sqrt(8 / 3)
     assert state.memory_s.shape == (10, 8) and float(jnp.max(jnp.abs(state.memory_s))) <= stdv
     assert float(state.z_s) == -1.0
@@ -210,7 +211,7 @@ def test_crd_two_steps_with_the_memory_update_are_the_references():
         own = np.array(own)
         key = jax.random.key(batch)
         idx = contrastive.sample_contrast_indices(
-            key, state, jnp.asarray(own), jnp.asarray(labels[own]), k=6
+            key, index, jnp.asarray(own), jnp.asarray(labels[own]), k=6
         )
         idx_np = np.asarray(idx)
         assert idx_np.shape == (3, 7) and np.array_equal(idx_np[:, 0], own)
@@ -235,15 +236,15 @@ def test_crd_two_steps_with_the_memory_update_are_the_references():
             np.asarray(state.memory_t), ref.memory_v2.numpy(), rtol=1e-6, atol=1e-7
         )
     with pytest.raises(ValueError, match="one"):
-        contrastive.init_crd_state(jax.random.key(0), np.zeros(5, int))
+        contrastive.class_index(np.zeros(5, int))
 
 
 def test_crd_negatives_are_uniform_over_the_other_classes():
     labels = np.array([2, 0, 2, 1, 1, 2, 0, 2])
-    state = contrastive.init_crd_state(jax.random.key(0), labels, dim=4)
+    index = contrastive.class_index(labels)
     own = jnp.asarray([0, 1, 3])
     idx = contrastive.sample_contrast_indices(
-        jax.random.key(1), state, own, jnp.asarray(labels[[0, 1, 3]]), k=4000
+        jax.random.key(1), index, own, jnp.asarray(labels[[0, 1, 3]]), k=4000
     )
     for row, c in zip(np.asarray(idx), labels[[0, 1, 3]], strict=True):
         drawn = np.bincount(row[1:], minlength=8) / 4000
@@ -254,3 +255,31 @@ def test_crd_negatives_are_uniform_over_the_other_classes():
     p = embed.init(jax.random.key(0), jnp.zeros((2, 3, 3)))
     v = embed.apply(p, jnp.asarray(rand(2, 3, 3)))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(v), axis=1), 1.0, rtol=1e-6)
+
+
+def test_every_new_loss_has_finite_gradients_on_all_zero_features():
+    """Dead features (all zero, as a ReLU map can be) give finite values and gradients: the
+    norms divide by max(‖x‖, eps) as PyTorch's F.normalize, the distances by no zero."""
+    z4, z2 = jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 8))
+
+    def total(a, v):
+        embed = contrastive.Embed(4)
+        emb = embed.apply(embed.init(jax.random.key(0), v), v)
+        labels = np.array([0, 1, 0, 1])
+        state = contrastive.init_crd_state(jax.random.key(1), 4, dim=4)
+        idx = contrastive.sample_contrast_indices(
+            jax.random.key(2), contrastive.class_index(labels), jnp.arange(2), jnp.arange(2), k=2
+        )
+        crd, new = contrastive.crd_loss(emb, emb, state, idx)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in new)
+        return (
+            stagewise.ab_loss([a], [a])
+            + stagewise.fsp_loss([a, a], [a, a])
+            + stagewise.factor_loss(a, a)
+            + stagewise.reconstruction_loss(a, a)
+            + crd
+        )
+
+    value, grads = jax.value_and_grad(total, argnums=(0, 1))(z4, z2)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)

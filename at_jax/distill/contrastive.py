@@ -22,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax.distill.relational import normalize_rows
 from at_jax.precision import upcast
 
 __all__ = [
     "CRDState",
+    "ClassIndex",
+    "class_index",
     "Embed",
     "init_crd_state",
     "sample_contrast_indices",
@@ -46,71 +49,79 @@ EPS = 1e-7
 class CRDState(NamedTuple):
     """CRD's memory: ``memory_s``/``memory_t`` (N, dim), the student's and the teacher's
     embedding of every training example; ``z_s``/``z_t``: the normalisation constants, −1 until
-    the first batch sets them; ``by_class`` (N,): the dataset's indices grouped by class,
-    ``class_start``/``class_count`` (classes,): where each class's run begins and its length
-    (what the negatives are drawn from)."""
+    the first batch sets them."""
 
     memory_s: jax.Array
     memory_t: jax.Array
     z_s: jax.Array
     z_t: jax.Array
+
+
+class ClassIndex(NamedTuple):
+    """Where the negatives are drawn from, derived from the training set's labels (not state):
+    ``by_class`` (N,), the dataset's indices grouped by class; ``class_start``/``class_count``
+    (classes,), where each class's run begins and its length."""
+
     by_class: jax.Array
     class_start: jax.Array
     class_count: jax.Array
 
 
-def init_crd_state(key: jax.Array, dataset_labels: np.ndarray, dim: int = FEAT_DIM) -> CRDState:
-    """The state for a training set whose labels, in dataset order, are ``dataset_labels`` (N,):
-    banks of N rows drawn uniformly in ±1/√(dim/3), as ``ContrastMemory``."""
+def class_index(dataset_labels: np.ndarray) -> ClassIndex:
+    """The :class:`ClassIndex` of a training set whose labels, in dataset order, are
+    ``dataset_labels`` (N,)."""
     labels = np.asarray(dataset_labels).astype(np.int64).reshape(-1)
-    n = labels.shape[0]
-    if n < 2 or labels.min() < 0:
+    if labels.shape[0] < 2 or labels.min() < 0:
         raise ValueError(
-            f"CRD needs the labels of the training set (>= 2 examples, labels >= 0); got {n} "
-            f"examples{'' if n == 0 else f', smallest label {labels.min()}'}"
+            "CRD needs the labels of the training set (>= 2 examples, labels >= 0); got "
+            f"{labels.shape[0]} examples{'' if not len(labels) else f', smallest {labels.min()}'}"
         )
     counts = np.bincount(labels)
     if np.count_nonzero(counts) < 2:
         raise ValueError("CRD draws its negatives from other classes: the training set has one")
-    stdv = 1.0 / math.sqrt(dim / 3)
-    k_s, k_t = jax.random.split(key)
-    draw = lambda k: jax.random.uniform(k, (n, dim), jnp.float32, -stdv, stdv)  # noqa: E731
-    minus_one = jnp.full((), -1.0, jnp.float32)
-    return CRDState(
-        memory_s=draw(k_s),
-        memory_t=draw(k_t),
-        z_s=minus_one,
-        z_t=minus_one,
+    return ClassIndex(
         by_class=jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32),
         class_start=jnp.asarray(np.cumsum(counts) - counts, jnp.int32),
         class_count=jnp.asarray(counts, jnp.int32),
     )
 
 
+def init_crd_state(key: jax.Array, n_data: int, dim: int = FEAT_DIM) -> CRDState:
+    """Banks of ``n_data`` rows drawn uniformly in ±1/√(dim/3), as ``ContrastMemory``."""
+    if n_data < 2:
+        raise ValueError(f"CRD needs the training set's size (>= 2 examples), got {n_data}")
+    stdv = 1.0 / math.sqrt(dim / 3)
+    k_s, k_t = jax.random.split(key)
+    draw = lambda k: jax.random.uniform(k, (n_data, dim), jnp.float32, -stdv, stdv)  # noqa: E731
+    minus_one = jnp.full((), -1.0, jnp.float32)
+    return CRDState(draw(k_s), draw(k_t), minus_one, minus_one)
+
+
 class Embed(nn.Module):
     """CRD's embedding head (``crd/criterion.py: Embed``): flatten, linear to ``dim``, divide by
-    the L2 norm."""
+    the L2 norm (by max(‖x‖, 1e-12), as PyTorch's
+    ``F.normalize``: a zero vector stays zero, its gradient finite)."""
 
     dim: int = FEAT_DIM
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(self.dim, name="linear")(upcast(x).reshape(x.shape[0], -1))
-        return x / jnp.sqrt(jnp.sum(x**2, axis=1, keepdims=True))
+        return normalize_rows(x)
 
 
 def sample_contrast_indices(
-    key: jax.Array, state: CRDState, indices: jax.Array, labels: jax.Array, k: int = NCE_K
+    key: jax.Array, index: ClassIndex, indices: jax.Array, labels: jax.Array, k: int = NCE_K
 ) -> jax.Array:
     """(B, 1 + k) dataset indices: each example's own ``indices`` first, then ``k`` drawn
     uniformly, with replacement, among the training examples of other classes than its
     ``labels`` (the reference's ``CIFAR100InstanceSample`` in its default ``exact`` mode)."""
-    n = state.by_class.shape[0]
-    own, start = state.class_count[labels], state.class_start[labels]  # (B,)
+    n = index.by_class.shape[0]
+    own, start = index.class_count[labels], index.class_start[labels]  # (B,)
     # the r-th example outside class c in class order: r itself before the class, r + |c| after
     r = jax.random.randint(key, (labels.shape[0], k), 0, n - own[:, None])
     rank = jnp.where(r < start[:, None], r, r + own[:, None])
-    return jnp.concatenate([indices[:, None].astype(jnp.int32), state.by_class[rank]], axis=1)
+    return jnp.concatenate([indices[:, None].astype(jnp.int32), index.by_class[rank]], axis=1)
 
 
 def contrast_scores(anchor: jax.Array, memory: jax.Array, idx: jax.Array, t: float) -> jax.Array:
@@ -135,7 +146,7 @@ def update_memory(memory: jax.Array, v: jax.Array, indices: jax.Array, momentum:
     """Rows ``indices`` of ``memory`` moved towards the batch's embeddings ``v``:
     ``normalize(m · memory[i] + (1 − m) · v)`` (``ContrastMemory``'s update, no gradient)."""
     rows = memory[indices] * momentum + jax.lax.stop_gradient(v) * (1 - momentum)
-    rows = rows / jnp.sqrt(jnp.sum(rows**2, axis=1, keepdims=True))
+    rows = normalize_rows(rows)
     return memory.at[indices].set(rows)
 
 
