@@ -3,6 +3,11 @@
     python -m at_jax.bench --student wrn-16-1 --teacher wrn-16-2 --method at --batch 128 --steps 50
     python -m at_jax.bench --student vit-tiny/4 --teacher vit-tiny/4 --method vit_copy --batch 128
 
+The distillation baselines (``fitnet``, ``sp``, ``cc``, ``vid``, ``rkd``, ``pkt``, ``nst``,
+``dkd``, ``ab``, ``fsp``, ``ft``, ``crd``, ``crd_kd``) time the student's step with the
+method's term as its config has it (AB and FSP: the term that their first stage trains; FT:
+its main stage; CRD: with its memory of ``--dataset_size`` rows on the device).
+
 ViT methods (Li et al. 2024): ``vit_copy`` (the student's blocks 0..depth−4 use the teacher's
 attention), ``vit_distill`` (the ``atd`` term, weight 3, end_layer −3) and ``vit_scratch`` (the
 student alone), each with MAE's optimiser (AdamW, warm-up + cosine); the PyTorch step of the same
@@ -28,9 +33,11 @@ from absl import app, flags
 from at_jax import devices, recipes, step as step_lib
 from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 from at_jax.data import CIFAR_MEAN, CIFAR_STD, DataSpec
+from at_jax.distill import REFERENCE_WEIGHTS
 from at_jax.errors import one_line_errors
 from at_jax.models import get_model
 from at_jax.sharding import sharded
+from at_jax.terms import TermData
 
 __all__ = ["run", "bench_config", "main"]
 
@@ -46,6 +53,9 @@ METHODS = {
     "vit_scratch": "scratch",
     "vit_copy": "copy",
     "vit_distill": "distill",
+    # the distillation baselines (issue 26): the student's CE plus the term, as their configs
+    **{name: name for name in REFERENCE_WEIGHTS},
+    "crd_kd": "crd_kd",
 }
 
 FLAGS = flags.FLAGS
@@ -117,29 +127,18 @@ def run(
         t_model = get_model(teacher_name, num_classes=10, **dict(overrides or {}))
         t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))
     spec = DataSpec(10, shape, CIFAR_MEAN, CIFAR_STD)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, dataset_size).astype(np.int32)
     st = step_lib.Step.from_config(
-        config, spec, dataset_size // batch, teacher_model=t_model, teacher_variables=t_vars
+        config,
+        spec,
+        dataset_size // batch,
+        teacher_model=t_model,
+        teacher_variables=t_vars,
+        term_data=TermData(dataset_size, labels),  # CRD's memory: one row per image
     )
     t_vars = jax.device_put(t_vars, st.replicated)
-    rng = np.random.default_rng(0)
-    pool = {
-        "pool_image": jax.device_put(
-            rng.integers(0, 256, (dataset_size, *shape), dtype=np.uint8), st.replicated
-        ),
-        "pool_label": jax.device_put(
-            rng.integers(0, 10, dataset_size).astype(np.int32), st.replicated
-        ),
-    }
-    index_sharding = sharded(st.mesh, None, "data")
-    batches = [
-        {
-            "index": jax.device_put(
-                rng.integers(0, dataset_size, (seeds, batch)).astype(np.int32), index_sharding
-            ),
-            **pool,
-        }
-        for _ in range(8)
-    ]
+    batches = _batches(st, rng, labels, shape, batch, seeds)
     state = st.init_state()
     t0 = time.perf_counter()
     compiled = st.train_step.lower(state, batches[0], t_vars).compile()
@@ -171,6 +170,26 @@ def run(
         "steps": steps,
         "image_size": image_size,
     }
+
+
+def _batches(st, rng, labels, shape, batch, seeds, count=8) -> list[dict]:
+    """``count`` in-memory batches of random indices into a random uint8 pool with ``labels``."""
+    pool = {
+        "pool_image": jax.device_put(
+            rng.integers(0, 256, (len(labels), *shape), dtype=np.uint8), st.replicated
+        ),
+        "pool_label": jax.device_put(labels, st.replicated),
+    }
+    index_sharding = sharded(st.mesh, None, "data")
+    return [
+        {
+            "index": jax.device_put(
+                rng.integers(0, len(labels), (seeds, batch)).astype(np.int32), index_sharding
+            ),
+            **pool,
+        }
+        for _ in range(count)
+    ]
 
 
 def main(argv):

@@ -24,7 +24,7 @@ from absl import logging
 
 from at_jax.rundir import CHECKPOINT_DIR, CONFIG_FILE, CORRUPT_DIR, read_config
 
-__all__ = ["Checkpoints", "CheckpointError", "restore_variables", "load_variables"]
+__all__ = ["Checkpoints", "CheckpointError", "restore_variables", "restore_seeds", "load_variables"]
 
 
 class CheckpointError(RuntimeError):
@@ -143,6 +143,39 @@ def restore_variables(
     ``seed_index`` from its newest checkpoint (or ``step``), on this process's first device, and
     the run's config. Only the student's parameters and BN statistics are read (not the optimizer
     state). ``what`` names the setting that pointed here, for error messages."""
+    restored, n_seeds, config, where = _restore_student(workdir, step, what)
+    if not 0 <= seed_index < n_seeds:
+        raise ValueError(
+            f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} seed(s)"
+        )
+    pick = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[seed_index]), tree)  # noqa: E731
+    variables = {"params": pick(restored["params"]["student"])}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = pick(restored["batch_stats"])
+    return variables, config, where
+
+
+def restore_seeds(
+    workdir: str, terms: tuple[str, ...] = (), what: str = "the first stage"
+) -> tuple[dict, dict, int]:
+    """``(variables, term_params, seeds)`` of every seed of a run's newest checkpoint, each leaf
+    with a leading seed axis (host arrays): the student's ``{"params", "batch_stats"}`` and the
+    parameters of the term modules named in ``terms``. A two-stage run's main stage starts
+    from these (:mod:`at_jax.stages`)."""
+    restored, n_seeds, _, _ = _restore_student(workdir, None, what, terms)
+    variables = {"params": restored["params"]["student"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+    term_params = dict(restored["params"].get("terms", {}))
+    return jax.device_get(variables), jax.device_get(term_params), n_seeds
+
+
+def _restore_student(
+    workdir: str, step: Optional[int], what: str, terms: tuple[str, ...] = ()
+) -> tuple[dict, int, ml_collections.ConfigDict, str]:
+    """The student's parameters and BN statistics (and the named ``terms``' parameters) of all
+    seeds of ``workdir``'s checkpoint ``step`` (None: the newest), the seed count, the run's
+    config and where it was read."""
     config = read_config(workdir)
     if config is None:
         raise FileNotFoundError(
@@ -162,7 +195,13 @@ def restore_variables(
             raise FileNotFoundError(f"{what} {workdir!r} has no checkpoint in {ckpt_dir}")
         step = steps[-1] if step is None else step
         saved = manager.item_metadata(step)["state"]["train_state"]
-        wanted = {"params": {"student": _local(saved["params"]["student"])}}
+        wanted: dict = {"params": {"student": _local(saved["params"]["student"])}}
+        saved_terms = saved["params"].get("terms") or {}
+        missing = [t for t in terms if t not in saved_terms]
+        if missing:
+            raise ValueError(f"{what} {workdir!r} has no parameters of the term(s) {missing}")
+        if terms:
+            wanted["params"]["terms"] = {t: _local(saved_terms[t]) for t in terms}
         if saved.get("batch_stats"):
             wanted["batch_stats"] = _local(saved["batch_stats"])
         n_seeds = int(saved["step"].shape[0])
@@ -179,15 +218,7 @@ def restore_variables(
         )["state"]["train_state"]
     finally:
         manager.close()
-    if not 0 <= seed_index < n_seeds:
-        raise ValueError(
-            f"seed_index={seed_index} but the run in {workdir!r} has {n_seeds} seed(s)"
-        )
-    pick = lambda tree: jax.tree.map(lambda a: jnp.asarray(a[seed_index]), tree)  # noqa: E731
-    variables = {"params": pick(restored["params"]["student"])}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = pick(restored["batch_stats"])
-    return variables, config, f"{ckpt_dir} (step {step})"
+    return restored, n_seeds, config, f"{ckpt_dir} (step {step})"
 
 
 def load_variables(workdir: str, seed_index: int = 0, what: str = "config.init_from") -> dict:

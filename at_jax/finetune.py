@@ -9,6 +9,9 @@
   (ImageNet → CUB).
 * ``config.freeze.modules``: top-level modules whose parameters are not trained; a group's name
   also covers its blocks (``layer1`` freezes ``layer1_0``, ``layer1_1``, ...).
+* ``config.freeze.classifier``: the classifier (the student's last top-level module, whose
+  leaves end in the class axis) is not trained; ``config.freeze.student``: no parameter of the
+  student is (a two-stage run's first stage uses both: :mod:`at_jax.stages`).
 * ``config.freeze.batch_norm``: batch norm normalises with its running statistics in training
   too (the model's ``frozen_batch_norm``), the statistics stay as they were, and its
   scale/offset are not trained.
@@ -53,7 +56,7 @@ def check_modules(modules, params: dict, model_name: str) -> None:
 
 
 def frozen_paths(
-    freeze: Any, variables: dict, model_name: str = "the model"
+    freeze: Any, variables: dict, model_name: str = "the model", num_classes: int = 0
 ) -> set[tuple[str, ...]]:
     """Paths (within the student's ``params``) of the parameters that ``freeze``
     (``config.freeze``: ``modules``, ``batch_norm``; a whole run config works too) leaves
@@ -64,6 +67,10 @@ def frozen_paths(
     modules = module_names(freeze.get("modules", ()))
     params = variables["params"]
     check_modules(modules, params, model_name)
+    if freeze.get("student", False):
+        modules = tuple(params)
+    elif freeze.get("classifier", False):
+        modules = (*modules, classifier_module(params, num_classes, model_name))
     bn_modules = (
         {path[:-1] for path in traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))}
         if freeze.get("batch_norm", False)
@@ -74,6 +81,29 @@ def frozen_paths(
         for path in traverse_util.flatten_dict(dict(params))
         if _in_modules(path[0], modules) or path[:-1] in bn_modules
     }
+
+
+def classifier_module(params: dict, num_classes: int, model_name: str = "the model") -> str:
+    """The name of the student's classifier: its top-level module whose every leaf ends in the
+    class axis (``fc``, ``head``, ``classifier`` first where several do)."""
+    ends = {
+        name: {leaf.shape[-1] for leaf in traverse_util.flatten_dict(dict(tree)).values()}
+        for name, tree in params.items()
+        if hasattr(tree, "keys")
+    }
+    found = [name for name, e in ends.items() if e == {num_classes}]
+    named = [n for n in ("fc", "head", "classifier") if n in found]
+    if len(found) == 1 or named:
+        return (named or found)[0]
+    raise ValueError(
+        f"config.freeze.classifier: cannot tell the classifier of {model_name!r} ("
+        + (
+            f"modules {natural_sorted(found)} all end in {num_classes} classes"
+            if found
+            else f"no top-level module ends in {num_classes} classes"
+        )
+        + "); name it in config.freeze.modules instead"
+    )
 
 
 # --------------------------------------------------------------------------- init_from
@@ -144,6 +174,7 @@ def trainable_count(frozen: set, params: dict) -> tuple[int, int]:
 
 __all__ = [
     "check_modules",
+    "classifier_module",
     "frozen_paths",
     "classifier_paths_to_replace",
     "merge",

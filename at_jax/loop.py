@@ -174,7 +174,9 @@ class _Saved:
                 f"{start / loop.steps_per_epoch:g}), beyond config.num_epochs="
                 f"{loop.cadence.num_epochs}; use a new --workdir"
             )
-        self.state = serialization.from_state_dict(self.state, tree["train_state"])
+        saved_state = dict(tree["train_state"])
+        saved_state.setdefault("term_state", {})  # a checkpoint from before terms kept state
+        self.state = serialization.from_state_dict(self.state, saved_state)
         self.sums, self.window = tree["sums"], tree["window"]
         self.earlier_time = float(meta.get("wall_time_s", 0.0))
         loop.warnings.skipped_files = list(meta.get("skipped_files", []))

@@ -256,6 +256,8 @@ def _pool_channels(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 _TRANSFER_POINT = re.compile(r"^(group|block|layer)\d+$")
 _WRN_BLOCK = re.compile(r"^group\d+\.block\d+$")
+_PREACT = re.compile(r"^(group|block|layer)\d+\.preact$")
+_NAMED_PAIRS = {"groups": _TRANSFER_POINT, "blocks": _WRN_BLOCK, "preact": _PREACT}
 
 
 def _sorted_names(names: Any, pattern: re.Pattern) -> list[str]:
@@ -270,6 +272,7 @@ def pair_activations(
     ``"groups"``: at_jax's models' transfer points (WRN ``group*``, NIN ``block*``, ResNet
     ``layer*``), paired in order — the paper's one loss per group for networks of different
     depth. ``"blocks"``: every WRN block, for student and teacher of the same depth.
+    ``"preact"``: each group's pre-activation (``group*.preact``, ``layer*.preact``: AB's).
     A sequence: names present in both (``["group1", "group2"]``), explicit pairs
     (``[("stage2", "layer3")]``) or ``"s:t"`` strings; or the same as one comma-separated
     string (``"layer3,layer4"``, ``"stage2:layer3,stage3:layer4"``), the form that a
@@ -277,14 +280,14 @@ def pair_activations(
 
     Raises ``ValueError`` listing both sides' names when a name is missing.
     """
-    if isinstance(pairs, str) and pairs not in ("groups", "blocks"):
+    if isinstance(pairs, str) and pairs not in _NAMED_PAIRS:
         if not pairs.strip() or not all(p.strip() for p in pairs.split(",")):
             raise ValueError(
                 f"pairs must be 'groups', 'blocks' or names such as 'layer3,layer4', got {pairs!r}"
             )
         pairs = [p.strip() for p in pairs.split(",")]
     if isinstance(pairs, str):
-        pattern = _TRANSFER_POINT if pairs == "groups" else _WRN_BLOCK
+        pattern = _NAMED_PAIRS[pairs]
         s_names = _sorted_names(student_acts, pattern)
         t_names = _sorted_names(teacher_acts, pattern)
         if not s_names or len(s_names) != len(t_names):

@@ -20,7 +20,7 @@ from at_jax.models import forward
 from at_jax.models.build import build_model, compute_dtype
 from at_jax.models.vit import shared_drop_masks
 
-__all__ = ["Networks"]
+__all__ = ["Networks", "init_states", "init_terms", "dummy_input"]
 
 
 class Networks:
@@ -28,7 +28,9 @@ class Networks:
     ``teacher_variables``, and the term modules of the active ``terms``. ``bn_mode``
     (``config.gradient.bn_mode``): batch norm in the gradient terms' input-gradient pass.
     ``copy`` (:class:`~at_jax.attention_copy.AttentionCopy`, ``config.attention_copy``): the
-    teacher's attention that the student's first blocks use instead of their own."""
+    teacher's attention that the student's first blocks use instead of their own.
+    ``term_data`` (:class:`~at_jax.objective.TermData`): the training set, for the terms that
+    keep state (CRD's memory banks; :func:`init_states`)."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Networks:
         teacher_model: Optional[nn.Module] = None,
         teacher_variables: Any = None,
         copy: AttentionCopy = NO_COPY,
+        term_data: Optional[objective.TermData] = None,
     ):
         if (objective.needs_teacher(terms) or copy.on) and teacher_model is None:
             raise ValueError(
@@ -48,8 +51,7 @@ class Networks:
                 "factt/attention_copy...) but no teacher is set: set config.teacher.workdir to "
                 "a trained teacher's workdir"
             )
-        self.model, self.spec, self.terms, self.dtype = model, spec, terms, dtype
-        self.copy = copy
+        self.model, self.spec, self.terms, self.dtype, self.copy = model, spec, terms, dtype, copy
         self.bn_mode, self.teacher_model = bn_mode, teacher_model
         dummy = dummy_input(self.spec, self.dtype)
         # the student's variables as shapes ({"params", "batch_stats"})
@@ -65,6 +67,9 @@ class Networks:
         if copy.on:
             copy.check_pair(self.student_shapes, self.teacher_shapes)
         self.term_modules = objective.term_modules(terms, self.student_shapes, self.teacher_shapes)
+        self.term_state_inits = objective.term_states(
+            terms, self.student_shapes, self.teacher_shapes, term_data or objective.TermData(0)
+        )
 
     @classmethod
     def from_config(cls, config: Any, spec: DataSpec, terms: Any = None, **teacher: Any):
@@ -135,7 +140,8 @@ class Networks:
     ) -> tuple[objective.StepOutputs, Any]:
         """Student (train mode) and teacher (eval mode) forward passes of ``batch`` (images,
         labels) -> ``(StepOutputs, new batch statistics)``; ``schedule``: ``weight_scale``,
-        ``epoch``, ``targets``. The gradient terms' input-gradient pass sees the training
+        ``epoch``, ``targets`` and what the stateful terms read (``term_states``,
+        ``example_index``, ``terms_key``). The gradient terms' input-gradient pass sees the training
         forward's dropout masks (``key``), batch norm as ``bn_mode``. Two ViTs of one depth share
         drop-path masks; with attention copy the student uses the teacher's attention."""
         images, labels = batch
@@ -172,6 +178,14 @@ class Networks:
 def dummy_input(spec: DataSpec, dtype: Any) -> jax.Array:
     """A batch of two zero images of ``spec``'s shape: what shapes are traced with."""
     return jnp.zeros((2, *spec.image_shape), dtype)
+
+
+def init_states(networks: Networks, key: jax.Array) -> dict:
+    """The initial state of ``networks``' terms that keep one, by term name."""
+    return {
+        name: init(jax.random.fold_in(key, i))
+        for i, (name, init) in enumerate(sorted(networks.term_state_inits.items()))
+    }
 
 
 def init_terms(

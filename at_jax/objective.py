@@ -30,16 +30,24 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import gradient, losses, vit_losses
-from at_jax.distill import terms as _distill_terms  # noqa: F401  (registers the baselines' terms)
+from at_jax.distill import (
+    stage_terms as _stage_terms,  # noqa: F401  (registers ab/fsp/ft/crd)
+    terms as _distill_terms,  # noqa: F401  (registers the baselines' terms)
+)
 from at_jax.precision import upcast
 from at_jax.terms import (
     SPEC_KEYS,
+    STAGE_KEYS,
     WEIGHT_SCHEDULES,
     StepOutputs,
+    TermData,
+    check_of,
+    init_stage_of,
     module_factory,
     needs_teacher_term,
     register_term,
     registered,
+    state_factory,
     term_names,
     term_options,
 )
@@ -52,6 +60,9 @@ __all__ = [
     "validate_terms",
     "needs_teacher",
     "term_modules",
+    "term_states",
+    "make_stateful_objective",
+    "TermData",
     "term_options",
     "term_names",
     "FActTAdapters",
@@ -103,11 +114,35 @@ def validate_terms(spec: Mapping[str, Mapping[str, Any]]) -> ActiveTerms:
                 f"loss term {name!r}: start_epoch must be an integer >= 0 (0 or 1: "
                 f"from the start), got {start!r}"
             )
+        _check_stage_keys(name, options)
         if weight != 0:
             active[name] = options
     if not active:
         raise ValueError("the objective has no term with a non-zero weight")
     return active
+
+
+def _check_stage_keys(name: str, options: Mapping[str, Any]) -> None:
+    given = [k for k in STAGE_KEYS if k in options]
+    if given and init_stage_of(name) is None:
+        raise ValueError(
+            f"loss term {name!r} has no stage of its own, so {given} mean nothing for it "
+            "(the terms with a first stage: "
+            + ", ".join(n for n in term_names() if init_stage_of(n) is not None)
+            + ")"
+        )
+    epochs = options.get("init_epochs", 0)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(
+            f"loss term {name!r}: init_epochs must be an integer >= 0 (the epochs of its first "
+            f"stage; 0: none), got {epochs!r}"
+        )
+    lr = options.get("init_lr", 0.0)
+    if not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(
+            f"loss term {name!r}: init_lr must be a number >= 0 (0: the stage's default), got "
+            f"{lr!r}"
+        )
 
 
 def needs_teacher(spec: Mapping[str, Mapping[str, Any]]) -> bool:
@@ -120,15 +155,61 @@ def term_modules(
     student_acts: Mapping[str, Any],
     teacher_acts: Mapping[str, Any],
 ) -> dict[str, nn.Module]:
-    """The parameterised modules of the active terms of ``spec``, by term name."""
+    """The parameterised modules of the active terms of ``spec``, by term name. Every term's
+    feature points are checked against the activations (``ValueError`` naming a missing one)."""
     modules = {}
     for name, options in _active(spec).items():
+        check = check_of(name)
+        if check is not None and teacher_acts:
+            check(student_acts, teacher_acts, **term_options(options))
         factory = module_factory(name)
         if factory is not None:
             module = factory(student_acts, teacher_acts, **term_options(options))
             if module is not None:
                 modules[name] = module
     return modules
+
+
+def term_states(
+    spec: Mapping[str, Mapping[str, Any]],
+    student_acts: Mapping[str, Any],
+    teacher_acts: Mapping[str, Any],
+    data: TermData,
+) -> dict[str, Callable[[jax.Array], Any]]:
+    """``key -> initial state`` of each active term of ``spec`` that keeps state, by name."""
+    inits = {}
+    for name, options in _active(spec).items():
+        factory = state_factory(name)
+        if factory is not None:
+            inits[name] = factory(student_acts, teacher_acts, data, **term_options(options))
+    return inits
+
+
+def make_stateful_objective(
+    spec: Mapping[str, Mapping[str, Any]],
+) -> Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]]:
+    """:func:`make_objective` that also returns the new state of the terms that keep one:
+    ``objective(out) -> (loss, measurements, new_term_states)``."""
+    active = _active(spec)
+
+    def objective(out: StepOutputs):
+        total = jnp.zeros((), jnp.float32)
+        measurements, states = {}, {}
+        for name, options in active.items():
+            value = registered(name)(out, **term_options(options))  # type: ignore[misc]
+            if state_factory(name) is not None:
+                value, states[name] = value
+            weight = options.get("weight", 1.0)
+            if options.get("weight_schedule", "constant") == "lr":
+                weight = weight * out.weight_scale
+            if options.get("start_epoch", 0) > 1:
+                weight = jnp.where(out.epoch >= options["start_epoch"], weight, 0.0)
+            total = total + weight * value
+            measurements[name] = value
+        measurements["loss"] = total
+        return total, measurements, states
+
+    return objective
 
 
 def make_objective(
@@ -143,22 +224,11 @@ def make_objective(
                                     "at": {"weight": 1e3, "pairs": "groups"}})
         loss, measurements = objective(step_outputs)
     """
-    active = _active(spec)
+    stateful = make_stateful_objective(spec)
 
     def objective(out: StepOutputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-        total = jnp.zeros((), jnp.float32)
-        measurements = {}
-        for name, options in active.items():
-            value = registered(name)(out, **term_options(options))  # type: ignore[misc]
-            weight = options.get("weight", 1.0)
-            if options.get("weight_schedule", "constant") == "lr":
-                weight = weight * out.weight_scale
-            if options.get("start_epoch", 0) > 1:
-                weight = jnp.where(out.epoch >= options["start_epoch"], weight, 0.0)
-            total = total + weight * value
-            measurements[name] = value
-        measurements["loss"] = total
-        return total, measurements
+        loss, measurements, _ = stateful(out)
+        return loss, measurements
 
     return objective
 
@@ -190,7 +260,11 @@ def kd_term(
     )
 
 
-@register_term("at", needs_teacher=True)
+def _check_pairs(student_acts, teacher_acts, pairs: losses.Pairs = "groups", **_: Any) -> None:
+    losses.pair_activations(student_acts, teacher_acts, pairs)
+
+
+@register_term("at", needs_teacher=True, check=_check_pairs)
 def at_term(
     out: StepOutputs,
     p: float = 2.0,

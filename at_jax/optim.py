@@ -198,18 +198,23 @@ OPTIMIZERS: dict[str, Callable[[Any, optax.Schedule], optax.GradientTransformati
 
 
 def mask_frozen(
-    tx: optax.GradientTransformation, frozen: AbstractSet
+    tx: optax.GradientTransformation,
+    frozen: AbstractSet,
+    frozen_terms: AbstractSet = frozenset(),
 ) -> optax.GradientTransformation:
     """``tx`` for the trained parameters, nothing for the ``frozen`` student paths (no gradient
     step, no weight decay, no momentum: ``optax.set_to_zero`` through
     ``optax.multi_transform``). The train state's params are ``{"student": ..., "terms": ...}``;
-    the terms' parameters are trained."""
-    if not frozen:
+    the terms' parameters are trained but under the ``frozen_terms`` prefixes
+    (``("terms", term, module)``: FT's paraphraser after its first stage)."""
+    if not frozen and not frozen_terms:
         return tx
 
     def labels(params):
         def label(path, _):
             keys = tuple(str(k.key) for k in path)
+            if keys[0] == "terms" and any(keys[: len(p)] == p for p in frozen_terms):
+                return FROZEN
             return FROZEN if keys[0] == "student" and keys[1:] in frozen else TRAINED
 
         return jax.tree_util.tree_map_with_path(label, params)
@@ -218,7 +223,11 @@ def mask_frozen(
 
 
 def build_optimizer(
-    optimizer: Any, batch_size: int, steps_per_epoch: int, frozen: AbstractSet = frozenset()
+    optimizer: Any,
+    batch_size: int,
+    steps_per_epoch: int,
+    frozen: AbstractSet = frozenset(),
+    frozen_terms: AbstractSet = frozenset(),
 ) -> optax.GradientTransformation:
     """The run's optimiser (``optimizer``: ``config.optimizer``) with its schedule, the
     ``frozen`` student paths left untouched: clipping (``clip_grad_norm`` > 0), the optimiser,
@@ -229,7 +238,9 @@ def build_optimizer(
         parts.insert(0, optax.clip_by_global_norm(optimizer.clip_grad_norm))
     if optimizer.get("layer_decay", 1.0) != 1.0:
         parts.append(layer_decay(optimizer.layer_decay, optimizer.get("layer_decay_form", "port")))
-    tx = mask_frozen(parts[0] if len(parts) == 1 else optax.chain(*parts), set(frozen))
+    tx = mask_frozen(
+        parts[0] if len(parts) == 1 else optax.chain(*parts), set(frozen), set(frozen_terms)
+    )
     if optimizer.get("ema_decay", 0):
         tx = optax.chain(tx, track_ema(optimizer.ema_decay))
     return tx

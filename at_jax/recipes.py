@@ -29,6 +29,7 @@ from at_jax.data import DATASETS, STREAMED
 from at_jax.data.config import default_data_config
 from at_jax.data.randaugment import parse_policy
 from at_jax.data.transforms import ON_BAD_IMAGE
+from at_jax.distill.methods import BASELINE_METHODS, INIT_EPOCHS, baseline_term
 from at_jax.gradient import BN_MODES
 from at_jax.models.build import DTYPES
 from at_jax.objective import ActiveTerms, validate_terms
@@ -44,6 +45,8 @@ __all__ = [
     "set_path",
     "METHODS",
     "BETA",
+    "INIT_EPOCHS",
+    "baseline_term",
 ]
 
 BETA = 1e3
@@ -67,6 +70,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "at_fsum4": {"loss.at.weight": BETA, "loss.at.p": 4.0, "loss.at.reduce": "sum"},
     "at_fmax1": {"loss.at.weight": BETA, "loss.at.p": 1.0, "loss.at.reduce": "max"},
 }
+
+# the distillation baselines of issue 26 (configs/cifar100.py:crd ...): at_jax.distill.methods
+METHODS.update(BASELINE_METHODS)
 
 
 def base_config() -> ml_collections.ConfigDict:

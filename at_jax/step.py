@@ -40,7 +40,7 @@ from at_jax.gradient import BN_MODES
 from at_jax.metrics import error_counts
 from at_jax.mixing import regularize
 from at_jax.models.build import DTYPES, build_model, compute_dtype
-from at_jax.networks import Networks
+from at_jax.networks import Networks, init_states
 from at_jax.preprocess import normalize
 from at_jax.seeds import Seeds, make_key, map_seeds, resolve_strategy
 from at_jax.sharding import data_mesh, replicated, sharded
@@ -49,6 +49,8 @@ __all__ = [
     "Step",
     "TrainState",
     "prepare_batch",
+    "example_index",
+    "StageStart",
     "init_single",
     "train_single",
     "step_metrics",
@@ -68,6 +70,8 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any  # the student's BN statistics ({} without BN)
     opt_state: Any
     rng: jax.Array  # raw uint32 key data (checkpointable)
+    # the state of the terms that keep one, by term name (CRD's memory banks); not trained
+    term_state: Any = flax.struct.field(default_factory=dict)
 
 
 # Their home is at_jax.optim (taking config.optimizer); these keep the whole-config calls working.
@@ -130,8 +134,9 @@ class Step:
     teacher and the term modules), ``steps_per_epoch``, ``optimizer`` (``config.optimizer``)
     with the global ``batch_size``, ``seeds`` (:class:`~at_jax.seeds.Seeds`), ``augment``
     (``config.data.augment``), ``freeze`` (``config.freeze``), ``init_variables`` (the
-    variables of ``config.init_from``, named ``init_from``), ``mesh``. The teacher runs in eval
-    mode on the ``teacher_variables`` that every call of :attr:`train_step` receives.
+    variables of ``config.init_from``, named ``init_from``), ``mesh``, ``start`` (a two-stage
+    run's main stage: :class:`StageStart`, each seed from its first stage). The teacher runs in
+    eval mode on the ``teacher_variables`` that every call of :attr:`train_step` receives.
     """
 
     def __init__(
@@ -148,27 +153,27 @@ class Step:
         init_from: str = "",
         model_name: str = "the model",
         mesh: Optional[Mesh] = None,
+        start: Optional[StageStart] = None,
     ):
         seeds = seeds or Seeds()
         self.networks, self.seeds, self.num_seeds = networks, seeds, seeds.count
         self.model, self.teacher_model = networks.model, networks.teacher_model
         self.spec, self.dtype, self.steps_per_epoch = networks.spec, networks.dtype, steps_per_epoch
         self.term_modules, self.variable_shapes = networks.term_modules, networks.variable_shapes
-        self.objective = objective.make_objective(networks.terms)
+        self.objective = objective.make_stateful_objective(networks.terms)
         self.augment = dict(augment or {"crop_pad": 0, "flip": False})
         self.schedule = optim.lr_schedule(optimizer, batch_size, steps_per_epoch)
         self.lr0 = optim.base_lr(optimizer, batch_size)
         self.mesh = mesh or data_mesh()
-        self.frozen = finetune.frozen_paths(freeze, self.variable_shapes, model_name)
-        self.tx = optim.build_optimizer(optimizer, batch_size, steps_per_epoch, self.frozen)
-        self.init_variables = init_variables  # they start every seed (a new classifier aside)
-        self.replaced = (
-            set()
-            if init_variables is None
-            else finetune.classifier_paths_to_replace(
-                self.variable_shapes, init_variables, model_name, self.spec.class_count(), init_from
-            )
+        self.frozen = finetune.frozen_paths(
+            freeze, self.variable_shapes, model_name, self.spec.class_count()
         )
+        self.start, frozen_terms = start, (start.frozen_terms if start else set())
+        self.tx = optim.build_optimizer(
+            optimizer, batch_size, steps_per_epoch, self.frozen, frozen_terms
+        )
+        self.init_variables = init_variables  # they start every seed (a new classifier aside)
+        self.replaced = _replaced(self, init_variables, model_name, init_from)
 
     @classmethod
     def from_config(
@@ -182,11 +187,18 @@ class Step:
         teacher_variables: Any = None,
         init_variables: Any = None,
         mesh: Optional[Mesh] = None,
+        term_data: Optional[objective.TermData] = None,
+        start: Optional[StageStart] = None,
     ) -> Step:
         """The step of a run's ``config``; ``terms``: its active terms if checked already
         (:func:`at_jax.recipes.validate_config`), else ``config.loss`` is checked here."""
         networks = Networks.from_config(
-            config, spec, terms, teacher_model=teacher_model, teacher_variables=teacher_variables
+            config,
+            spec,
+            terms,
+            teacher_model=teacher_model,
+            teacher_variables=teacher_variables,
+            term_data=term_data,
         )
         return cls(
             networks=networks,
@@ -200,6 +212,7 @@ class Step:
             init_from=config.get("init_from", ""),
             model_name=config.model,
             mesh=mesh,
+            start=start,
         )
 
     def attention_pairs(self) -> Optional[Any]:
@@ -208,9 +221,9 @@ class Step:
 
     # ------------------------------------------------------------------ state
 
-    def init_single(self, key: jax.Array, pretrained: Any = None) -> TrainState:
+    def init_single(self, key: jax.Array, pretrained: Any = None, kept: Any = None) -> TrainState:
         """One seed's train state (no seed axis) from its raw key data."""
-        return init_single(self, key, pretrained)
+        return init_single(self, key, pretrained, kept)
 
     def seed_keys(self) -> jax.Array:
         """Raw key data, one row per seed."""
@@ -220,6 +233,8 @@ class Step:
     def init_state(self) -> TrainState:
         """Train state with a leading seed axis, replicated over the mesh (initialised per seed
         as the step computes them: see :meth:`seed_strategy`)."""
+        if self.start is not None:  # each seed from the same seed of the first stage
+            return self.start.init_state(self)
         init = map_seeds(self.init_single, self.num_seeds, self.seed_strategy(), (0, None))
         pretrained = self.init_variables
         if pretrained is not None:
@@ -262,12 +277,26 @@ class Step:
         return jax.device_put(zeros, self.replicated)
 
 
-def init_single(step: Step, key: jax.Array, pretrained: Any = None) -> TrainState:
+def _replaced(step: Step, init_variables: Any, model_name: str, init_from: str) -> set:
+    """The paths of ``init_variables`` that a fresh classifier replaces (none without them)."""
+    if init_variables is None:
+        return set()
+    return finetune.classifier_paths_to_replace(
+        step.variable_shapes, init_variables, model_name, step.spec.class_count(), init_from
+    )
+
+
+def init_single(
+    step: Step, key: jax.Array, pretrained: Any = None, kept_terms: Any = None
+) -> TrainState:
     """Seed ``key``'s train state for ``step``: the student's variables (``pretrained`` ones
-    with a fresh classifier where it was replaced), the term modules' parameters, the optimiser
+    with a fresh classifier where it was replaced), the term modules' parameters (those of
+    ``kept_terms``, ``{term: {module: params}}``, taken over), the terms' state, the optimiser
     state and the seed's random stream."""
     model_key, terms_key, rng = jax.random.split(make_key(key), 3)
     variables, terms = step.networks.init(model_key, terms_key, pretrained, step.replaced)
+    for name, modules in (kept_terms or {}).items():
+        terms[name] = {**terms[name], **modules}
     params = {"student": variables["params"], "terms": terms}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -275,6 +304,7 @@ def init_single(step: Step, key: jax.Array, pretrained: Any = None) -> TrainStat
         batch_stats=variables.get("batch_stats", {}),
         opt_state=step.tx.init(params),
         rng=jax.random.key_data(rng),
+        term_state=init_states(step.networks, jax.random.fold_in(terms_key, 1)),
     )
 
 
@@ -297,18 +327,60 @@ def train_single(step: Step, state: TrainState, batch: dict, teacher_variables: 
             weight_scale=step.schedule(state.step) / step.lr0,
             epoch=state.step // step.steps_per_epoch + 1,
             targets=targets,  # a mixed batch's soft targets (None otherwise)
+            term_states=state.term_state,
+            example_index=example_index(batch),
+            terms_key=jax.random.fold_in(key, 3),
         )
-        loss, measurements = step.objective(out)
-        return loss, (measurements, new_stats, out.student_logits)
+        loss, measurements, term_state = step.objective(out)
+        return loss, (measurements, new_stats, out.student_logits, term_state)
 
-    (_, (measurements, new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (_, (measurements, new_stats, logits, term_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
     updates, opt_state = step.tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=new_stats if new_stats is not None else {},
         opt_state=opt_state,
+        term_state={**state.term_state, **jax.lax.stop_gradient(term_state)},
     )
     return new_state, step_metrics(measurements, logits, labels, batch)
+
+
+def example_index(batch: dict) -> Optional[jax.Array]:
+    """The training-set indices of one seed's batch: the gathered pool rows in memory, the
+    records' ``example_index`` when streamed."""
+    if "index" in batch:
+        return batch["index"]
+    return batch.get("example_index")
+
+
+class StageStart:
+    """Where a two-stage run's main stage starts (:mod:`at_jax.stages`): ``variables`` (the
+    student's, a leading seed axis) and ``kept_terms`` (``{term: {module: params}}``, a seed
+    axis; frozen here) of its first stage, read by :func:`at_jax.checkpoints.restore_seeds`."""
+
+    def __init__(self, variables: Any, kept_terms: Mapping, n_seeds: int, where: str):
+        self.variables, self.kept_terms, self.n_seeds, self.where = (
+            variables,
+            dict(kept_terms),
+            n_seeds,
+            where,
+        )
+        self.frozen_terms = {
+            ("terms", name, module) for name, mods in self.kept_terms.items() for module in mods
+        }
+        self.facts: dict = {}  # what the run's results say of its first stage
+
+    def init_state(self, step: Step) -> TrainState:
+        """``step``'s train state (a seed axis, replicated), each seed from the same seed of the
+        first stage."""
+        if step.num_seeds != self.n_seeds:
+            raise ValueError(
+                f"the first stage in {self.where} has {self.n_seeds} seed(s), this run "
+                f"{step.num_seeds}: delete it to train it again"
+            )
+        init = map_seeds(step.init_single, step.num_seeds, step.seed_strategy(), (0, 0, 0))
+        trees = jax.device_put((self.variables, self.kept_terms), step.replicated)
+        return jax.jit(init, out_shardings=step.replicated)(step.seed_keys(), *trees)

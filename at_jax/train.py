@@ -26,8 +26,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from at_jax import evaluate, finetune, rundir, teacher as teacher_lib
-from at_jax.checkpoints import Checkpoints, load_variables
+from at_jax import evaluate, finetune, rundir, stages as stages_lib, teacher as teacher_lib
+from at_jax.checkpoints import Checkpoints, load_variables, restore_seeds
 from at_jax.data import RunData, open_data
 from at_jax.files import write_json_atomic
 from at_jax.loop import Cadence, Loop, position
@@ -41,7 +41,8 @@ from at_jax.preemption import (
 )
 from at_jax.recipes import validate_config, validate_with_data
 from at_jax.sharding import data_mesh, replicated
-from at_jax.step import Step
+from at_jax.step import StageStart, Step
+from at_jax.terms import TermData, state_factory
 
 __all__ = [
     "train_and_evaluate",
@@ -63,11 +64,19 @@ def train_and_evaluate(
     A finished run with the same config returns its saved results without training again.
     SIGTERM or SIGINT stops the run at the next step boundary with a checkpoint
     (:class:`~at_jax.preemption.Stopped`); an image that cannot be decoded stops it with a
-    checkpoint too, unless ``config.data.on_bad_image="skip"``."""
+    checkpoint too, unless ``config.data.on_bad_image="skip"``.
+
+    A term with a first stage of its own (``config.loss.<ab|fsp|ft>.init_epochs``) trains it
+    first as a run in ``WORKDIR/init_stage`` (:mod:`at_jax.stages`); a restarted run resumes in
+    the stage it was in."""
     config = ml_collections.ConfigDict(config)
     terms = validate_config(config)
+    two = stages_lib.plan(config, terms)
     with StopSignals() as stop:
-        results = _train(config, terms, workdir, progress, stop)
+        if two is None:
+            results = _train(config, terms, workdir, progress, stop)
+        else:
+            results = _train_two_stages(config, two, workdir, progress, stop)
     if stop.signum is not None:  # it came after the last step: the run is done, but a caller
         # running several (the demo, the table runner) must stop too, not start the next one
         raise Stopped(
@@ -123,6 +132,48 @@ def run_teacher(
     return model, variables, errors
 
 
+def _train_two_stages(
+    config: ml_collections.ConfigDict,
+    two: stages_lib.TwoStages,
+    workdir: str,
+    progress: bool,
+    stop: StopSignals,
+) -> dict[str, Any]:
+    """The first stage in ``WORKDIR/init_stage``, then the main stage from it."""
+    finished = rundir.finished_results(workdir, config)
+    if finished is not None:  # (check_same_run first: another run's workdir must not pass)
+        return _train(config, two.main_terms, workdir, progress, stop)
+    say = _printer(progress and jax.process_index() == 0)
+    first_dir = two.init_workdir(workdir)
+    rundir.check_same_run(workdir, config)
+    say(stages_lib.describe(two) + f", in {first_dir}")
+    first = _train(two.init_config, two.init_terms, first_dir, progress, stop)
+    if stop.signum is not None:
+        raise Stopped(
+            stop.signum,
+            f"stopped by {signal_name(stop.signum)} as the first stage finished; run the same "
+            "command again for the main stage",
+        )
+    variables, term_params, n_seeds = restore_seeds(
+        first_dir, (two.term,) if two.stage.keeps else ()
+    )
+    keeps = two.stage.keeps
+    kept = {two.term: {k: term_params[two.term][k] for k in keeps}} if keeps else {}
+    start = StageStart(variables, kept, n_seeds, first_dir)
+    start.facts = {
+        "term": two.term,
+        "workdir": first_dir,
+        "epochs": int(two.init_config.num_epochs),
+        "final_test_error": first["final_test_error"],
+    }
+    frozen = f"; frozen: {two.term}'s {', '.join(keeps)}" if kept else ""
+    say(
+        f"main stage: every seed starts from its first stage ({first_dir}: test error "
+        f"{first['final_test_error']:.2f}%){frozen}"
+    )
+    return _train(config, two.main_terms, workdir, progress, stop, start=start)
+
+
 def starting_point(config: ml_collections.ConfigDict) -> Optional[dict]:
     """The variables that start every seed (``config.init_from``'s run), or None (fresh)."""
     return load_variables(config.init_from) if config.init_from else None
@@ -136,6 +187,10 @@ def _describe_start(config: ml_collections.ConfigDict, step: Step, say: Callable
     if step.frozen:
         trained, frozen = finetune.trainable_count(step.frozen, step.variable_shapes["params"])
         modules = ", ".join(finetune.module_names(config.freeze.modules)) or "no module"
+        if config.freeze.get("student", False):
+            modules = "the whole student"
+        elif config.freeze.get("classifier", False):
+            modules = "the classifier" + ("" if modules == "no module" else f", {modules}")
         bn = " + batch norm" if config.freeze.batch_norm else ""
         say(f"frozen: {frozen:,} parameters ({modules}{bn}); trained: {trained:,}")
 
@@ -162,6 +217,7 @@ def _train(
     workdir: str,
     progress: bool,
     stop: StopSignals,
+    start: Optional[StageStart] = None,
 ) -> dict[str, Any]:
     start_time = time.time()
     os.makedirs(workdir, exist_ok=True)
@@ -194,8 +250,10 @@ def _train(
         terms=terms,
         teacher_model=teacher_model,
         teacher_variables=teacher_variables,
-        init_variables=starting_point(config),
+        init_variables=None if start is not None else starting_point(config),
         mesh=mesh,
+        term_data=_term_data(terms, data),
+        start=start,
     )
     _describe_start(config, step, say)
     if is_main:
@@ -209,6 +267,8 @@ def _train(
     }
     if step.networks.copy.on:
         facts["attention_copy"] = step.networks.copy.target
+    if start is not None:
+        facts["first_stage"] = start.facts
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
         return Loop(
@@ -227,6 +287,13 @@ def _train(
         ).run()
     finally:
         checkpoints.close()
+
+
+def _term_data(terms: Any, data: RunData) -> TermData:
+    """The training set's size, and its labels where a term keeps a memory of it (CRD)."""
+    if not any(state_factory(name) is not None for name in terms):
+        return TermData(data.n_train)
+    return TermData(data.n_train, data.train_labels())
 
 
 def _printer(enabled: bool) -> Callable[[str], None]:

@@ -4,7 +4,8 @@
     python -m at_jax.main --config configs/cifar100.py:student --workdir runs/cifar100/wrn-16-1
     python -m at_jax.main --config configs/cifar100.py:at      --workdir runs/cifar100/wrn-16-1-at
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
-     at_fmax1 — see at_jax/recipes.py)
+     at_fmax1; the distillation baselines fitnet, sp, cc, vid, rkd, pkt, nst, dkd, ab, fsp,
+     ft, crd, crd_kd with RepDistiller's weights — see at_jax/recipes.py and README.md)
 
 Students read their teacher from runs/cifar100/wrn-16-2 (override with
 --config.teacher.workdir); other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc.

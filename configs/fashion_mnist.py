@@ -8,7 +8,8 @@ students for every column of the paper's Table 1 and Table 2.
     python -m at_jax.main --config configs/fashion_mnist.py:at \
         --workdir runs/fashion_mnist/wrn-16-1-at
     (methods: teacher, student, at, factt, kd, at_kd, at_kd_decay, at_fsum, at_fsum2, at_fsum4,
-     at_fmax1 — see at_jax/recipes.py)
+     at_fmax1; the distillation baselines fitnet, sp, cc, vid, rkd, pkt, nst, dkd, ab, fsp,
+     ft, crd, crd_kd with RepDistiller's weights — see at_jax/recipes.py and README.md)
 
 Students read their teacher from runs/fashion_mnist/wrn-16-2 (override with
 --config.teacher.workdir); other pairs: --config.model=wrn-16-2 with a wrn-40-2 teacher, etc.

@@ -113,8 +113,17 @@ def _flat(tree):
 @pytest.mark.parametrize("size,channels", [(32, 3), (28, 1)])
 def test_wrn_sows_groups_and_blocks(size, channels):
     model = get_model("wrn-16-1")
-    x = jnp.ones((2, size, size, channels))
+    x = jax.random.normal(jax.random.key(1), (2, size, size, channels))
     variables = init(model, 0, x)
+    leaves, tree = jax.tree.flatten(variables)  # BN parameters and statistics off their start
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    variables = jax.tree.unflatten(
+        tree,
+        [
+            v + 0.3 * jnp.abs(jax.random.normal(k, v.shape))
+            for k, v in zip(keys, leaves, strict=True)
+        ],
+    )
     logits, acts, _ = jforward(model, variables, x)
     assert logits.shape == (2, 10)
     s = [size, (size + 1) // 2, (size + 3) // 4]
@@ -123,6 +132,15 @@ def test_wrn_sows_groups_and_blocks(size, channels):
         for i in range(2):
             assert acts[f"group{g}.block{i}"].shape == (2, hw, hw, c)
         np.testing.assert_array_equal(acts[f"group{g}"], acts[f"group{g}.block1"])
+    assert acts["stem"].shape == (2, size, size, 16)
+    # the pre-activations (AB's points): the group's output through the batch norm that comes
+    # next (eval mode: the running statistics), before the ReLU
+    bns = [("group1_block0", "bn0"), ("group2_block0", "bn0"), (None, "bn")]
+    for g, (block, bn) in enumerate(bns):
+        p = variables["params"][block][bn] if block else variables["params"][bn]
+        st = variables["batch_stats"][block][bn] if block else variables["batch_stats"][bn]
+        want = (acts[f"group{g}"] - st["mean"]) / np.sqrt(st["var"] + 1e-5) * p["scale"] + p["bias"]
+        np.testing.assert_allclose(acts[f"group{g}.preact"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_nin_and_resnet_sow_their_transfer_points():
@@ -145,6 +163,11 @@ def test_nin_and_resnet_sow_their_transfer_points():
         "layer3": (1, 4, 4, 256),
         "layer4": (1, 2, 2, 512),
         "features": (1, 512),  # the pooled vector the relational baselines read
+        "stem": (1, 16, 16, 64),  # after the max-pool
+        **{
+            f"layer{k}.preact": (1, 2 ** (5 - k), 2 ** (5 - k), 64 * 2 ** (k - 1))
+            for k in range(1, 5)
+        },
     }
 
 

@@ -172,11 +172,18 @@ def test_iterator_state_resumes_at_the_exact_next_batch(folder):
     config = streamed_config(folder, num_epochs=2, **{"data.num_workers": 2})
     data = open_data(config, data_mesh())
     it = data.train_iterator()
-    for _ in range(2):
-        next(it)
+    seen = [next(it) for _ in range(2)]
     state = it.get_state()
-    expected = [np.asarray(next(it)["image"]) for _ in range(3)]
+    after = [next(it) for _ in range(3)]
+    expected = [np.asarray(b["image"]) for b in after]
     it.close()
+    # each example's index in the training set (CRD's memory row): one epoch visits each once,
+    # and the labels are those records'
+    epoch = [np.asarray(b["example_index"]) for b in (*seen, after[0])]
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(24))
+    labels = data.train_labels()
+    for b in (*seen, *after):
+        np.testing.assert_array_equal(labels[np.asarray(b["example_index"])], b["label"])
     resumed = data.train_iterator()
     resumed.set_state(state)
     got = [np.asarray(next(resumed)["image"]) for _ in range(3)]

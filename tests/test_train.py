@@ -118,7 +118,7 @@ def test_rerun_reuses_a_finished_run_refuses_another_config_and_extends(
     assert longer["wall_time_s"] > saved["wall_time_s"] * 0.5
 
 
-def cli_command(workdir, *extra, data_dir):
+def cli_command(workdir, *extra, data_dir, method="student"):
     """The CLI on the tiny IDX data, with the config file given by its absolute path (the
     command runs from another directory: configs load from anywhere)."""
     return [
@@ -126,7 +126,7 @@ def cli_command(workdir, *extra, data_dir):
         "-m",
         "at_jax.main",
         "--config",
-        os.path.join(REPO, "configs", "fashion_mnist.py") + ":student",
+        os.path.join(REPO, "configs", "fashion_mnist.py") + f":{method}",
         "--workdir",
         str(workdir),
         "--config.model=wrn-tiny",
@@ -152,14 +152,17 @@ def finish(proc, timeout=300):
 
 
 def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_uninterrupted_run(
-    idx_dir, tmp_path, procs
+    teacher_run, tmp_path, procs
 ):
-    """In-memory data. SIGTERM mid-epoch: the step in flight ends, a checkpoint is saved, one
-    line says so, exit code 143. The same command resumes; SIGKILL mid-epoch (the newest
-    checkpoint is then older than the last step); the same command again finishes the run with
-    the metrics of an uninterrupted one. Every command runs from a directory outside the
-    repository, with the config given by path."""
+    """In-memory data, a CRD student (its memory banks are train state). SIGTERM mid-epoch: the
+    step in flight ends, a checkpoint is saved, one line says so, exit code 143. The same command
+    resumes; SIGKILL mid-epoch (the newest checkpoint is then older than the last step); the
+    same command again finishes the run with the metrics of an uninterrupted one. Every command
+    runs from a directory outside the repository, with the config given by path."""
+    teacher_dir, idx_dir = teacher_run
     extra = [
+        f"--config.teacher.workdir={teacher_dir}",
+        "--config.loss.crd.k=64",
         "--config.num_epochs=3",
         "--config.optimizer.lr_decay_epochs=(2,)",
         "--config.checkpoint_every_steps=3",
@@ -170,13 +173,15 @@ def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_unint
 
     def run(name):
         return procs.start(
-            cli_command(tmp_path / name, *extra, data_dir=idx_dir), cwd=elsewhere, env=cli_env()
+            cli_command(tmp_path / name, *extra, data_dir=idx_dir, method="crd"),
+            cwd=elsewhere,
+            env=cli_env(),
         )
 
     # the uninterrupted reference, in this process (2 devices, as the CLI picks on 2 cores);
     # the runs below then load its compiled programs from the shared cache
     reference = apply_flags(
-        fashion_mnist.get_config("student"), cli_command("ref", *extra, data_dir=idx_dir)[7:]
+        fashion_mnist.get_config("crd"), cli_command("ref", *extra, data_dir=idx_dir)[7:]
     )
     train.train_and_evaluate(reference, str(tmp_path / "ref"), progress=False)
     rows = tmp_path / "run" / "metrics.jsonl"

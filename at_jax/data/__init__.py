@@ -89,6 +89,8 @@ class RunData(Protocol):
 
     def image_names(self, indices: list[int], split: str = ...) -> list[str]: ...
 
+    def train_labels(self) -> Any: ...
+
 
 def open_data(config: Any, mesh: Any) -> RunData:
     """The run's data: :class:`~at_jax.data.memory.InMemoryData` for the small datasets,

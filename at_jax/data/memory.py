@@ -82,6 +82,10 @@ class InMemoryData(SpecFields):
         self.warnings: list[str] = []  # the files were read whole: nothing to warn about later
         self._pool: dict | None = None
 
+    def train_labels(self) -> np.ndarray:
+        """The training set's labels, in the order of the pool's rows."""
+        return np.asarray(self.dataset.train_labels, np.int32)
+
     def _pool_arrays(self) -> dict:
         if self._pool is None:
             everywhere = replicated(self.mesh)

@@ -297,7 +297,8 @@ class StreamedData(SpecFields):
         return ds.batch(feed.batch_size // count, drop_remainder=True)
 
     def train_batches(self, start_step: int = 0) -> DeviceIterator:
-        """Global training batches ``{"image", "label", "skipped_count"}`` from step 0;
+        """Global training batches ``{"image", "label", "skipped_count", "example_index"}``
+        (``example_index``: each example's index in the training set) from step 0;
         ``.report`` says what was skipped. The position is Grain's iterator state, which the
         run's checkpoints hold (``checkpoint_state``): a resumed run restores it into these
         batches, then calls ``start_at`` (a ``start_step`` > 0 without that state is refused)."""
@@ -305,7 +306,7 @@ class StreamedData(SpecFields):
             iter(self.worker_iterable(self.train_dataset())),
             self.sharding,
             self.data.prefetch,
-            keep=("image", "label", "skipped_count"),
+            keep=("image", "label", "skipped_count", "example_index"),
         )
         iterator.start_at(start_step)
         return iterator
@@ -338,6 +339,10 @@ class StreamedData(SpecFields):
             iterator.close()
             self.eval_report = iterator.report
 
+    def train_labels(self) -> np.ndarray:
+        """The training set's labels in record order (:func:`source_labels`)."""
+        return source_labels(self.train_source)
+
     def _source(self, split: str) -> Any:
         return self.train_source if split == "train" else self.test_source
 
@@ -353,6 +358,15 @@ class StreamedData(SpecFields):
         shown = [f"{name} ({_skip_reason(name)})" for name in names]
         more = len(set(indices)) - len(shown)
         return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def source_labels(source: Any) -> np.ndarray:
+    """A source's labels in record order: its ``labels`` where it has them, else read from every
+    record (a term that keeps a memory of the training set, CRD, needs them)."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = [int(source[i]["label"]) for i in range(len(source))]
+    return np.asarray(labels, np.int32)
 
 
 def _randaugment(policy: str, mean: tuple) -> Optional[RandAugment]:

@@ -69,6 +69,11 @@ class RecordSource:
     def __getitem__(self, index: int) -> dict:
         return self.records[int(index)]
 
+    @property
+    def labels(self) -> list[int]:
+        """Every record's label, without reading an image."""
+        return [int(r["label"]) for r in self.records]
+
     def __repr__(self) -> str:
         return f"RecordSource({self.description}, {len(self)} records)"
 

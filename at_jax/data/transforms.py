@@ -259,7 +259,7 @@ class TrainRecord:
     ``on_bad_image="error"``: a broken image raises :class:`BadImageError`. ``"skip"``: it is
     replaced by another record drawn from the example's own random stream (deterministic:
     reruns and resumed runs see the same batches); ``skipped_count`` and ``skipped_index`` (the
-    first replaced index, or -1) report it."""
+    first replaced index, or -1) report it. ``example_index``: the index of the record used."""
 
     def __init__(
         self,
@@ -287,6 +287,7 @@ class TrainRecord:
                 index = int(rng.integers(len(self.source)))
         out["skipped_count"] = np.int32(len(skipped))
         out["skipped_index"] = np.int64(skipped[0] if skipped else -1)
+        out["example_index"] = np.int32(index)  # the record used (CRD's memory row)
         return out
 
 

@@ -56,16 +56,12 @@ def _pairs(
 
 def _feature(out: Any, feature: str, term: str) -> tuple[jax.Array, jax.Array]:
     """The student's and the teacher's vector ``feature`` ("name" or "student:teacher")."""
+    try:
+        _check_feature(out.student_acts, out.teacher_acts, feature)
+    except ValueError as e:
+        raise ValueError(f"loss term {term!r}: {e}") from None
     s, _, t = feature.partition(":")
-    t = t or s
-    missing = [
-        f"{side} has no {name!r} (it has: {', '.join(sorted(acts))})"
-        for side, name, acts in (("student", s, out.student_acts), ("teacher", t, out.teacher_acts))
-        if name not in acts
-    ]
-    if missing:
-        raise ValueError(f"loss term {term!r}: " + "; ".join(missing) + " (set its feature=)")
-    return out.student_acts[s], out.teacher_acts[t]
+    return out.student_acts[s], out.teacher_acts[t or s]
 
 
 def _total(values) -> jax.Array:
@@ -108,7 +104,24 @@ def fitnet_term(out: StepOutputs, pairs: losses.Pairs = "groups", index: int = 1
     return features.hint_loss(regress(out.student_acts), out.teacher_acts[t])
 
 
-@register_term("sp", needs_teacher=True)
+def _check_pairs(student_acts, teacher_acts, pairs: losses.Pairs = "groups", index=None, **_):
+    _pairs(student_acts, teacher_acts, pairs, index)
+
+
+def _check_feature(student_acts, teacher_acts, feature: str = "features", **_: Any) -> None:
+    s, _sep, t = feature.partition(":")
+    missing = [
+        f"{side} has no {name!r} (it has: {', '.join(sorted(acts))})"
+        for side, name, acts in (("student", s, student_acts), ("teacher", t or s, teacher_acts))
+        if name not in acts
+    ]
+    if missing:
+        raise ValueError(
+            f"feature {feature!r}: " + "; ".join(missing) + " (set the term's feature=)"
+        )
+
+
+@register_term("sp", needs_teacher=True, check=_check_pairs)
 def sp_term(out: StepOutputs, pairs: losses.Pairs = "groups", index: Optional[int] = -1):
     """:func:`~at_jax.distill.relational.sp_loss` summed over the pairs (the reference: the last
     group's output only, ``index=-1``; ``index=None``: every pair)."""
@@ -196,7 +209,7 @@ def vid_term(
     return _total(features.vid_loss(*p) for p in regress(out.student_acts, out.teacher_acts))
 
 
-@register_term("rkd", needs_teacher=True)
+@register_term("rkd", needs_teacher=True, check=_check_feature)
 def rkd_term(
     out: StepOutputs,
     feature: str = "features",
@@ -208,14 +221,14 @@ def rkd_term(
     return relational.rkd_loss(*_feature(out, feature, "rkd"), distance_weight, angle_weight)
 
 
-@register_term("pkt", needs_teacher=True)
+@register_term("pkt", needs_teacher=True, check=_check_feature)
 def pkt_term(out: StepOutputs, feature: str = "features") -> jax.Array:
     """:func:`~at_jax.distill.relational.pkt_loss` of ``feature`` (the pooled vector)."""
     out.require_teacher("pkt")
     return relational.pkt_loss(*_feature(out, feature, "pkt"))
 
 
-@register_term("nst", needs_teacher=True)
+@register_term("nst", needs_teacher=True, check=_check_pairs)
 def nst_term(out: StepOutputs, pairs: losses.Pairs = "groups") -> jax.Array:
     """:func:`~at_jax.distill.features.nst_loss` summed over the pairs (every group)."""
     out.require_teacher("nst")

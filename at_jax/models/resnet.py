@@ -31,10 +31,15 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 
 
 class BasicBlock(nn.Module):
+    """torchvision's basic block. ``preact_name``: sow the residual sum before the final ReLU
+    (the block's pre-activation: AB's feature point) under that name among its parent's
+    activations."""
+
     features: int
     stride: int
     dtype: Any = jnp.float32
     bn_scale_init: str = "ones"
+    preact_name: str = ""
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -48,10 +53,16 @@ class BasicBlock(nn.Module):
                 self.features, 1, self.stride, padding=0, name="downsample_0", dtype=self.dtype
             )(x)
             x = bn("downsample_1")(x)
+        if self.preact_name and isinstance(self.parent, nn.Module):
+            self.parent.sow("intermediates", self.preact_name, x + y)
         return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
+    """torchvision's ResNet-18/34 layout. Sows the stem's output after the max-pool (``stem``),
+    each stage's output (``layer{k}``) and its last block's pre-activation (``layer{k}.preact``:
+    the residual sum before the ReLU) and the pooled vector (``features``)."""
+
     stage_sizes: Sequence[int] = STAGE_SIZES[18]
     num_classes: int = 1000
     dtype: Any = jnp.float32
@@ -67,11 +78,17 @@ class ResNet(nn.Module):
         )
         x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        self.sow("intermediates", "stem", x)
         for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for i in range(size):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = BasicBlock(
-                    width, stride, self.dtype, self.bn_scale_init, name=f"layer{stage + 1}_{i}"
+                    width,
+                    stride,
+                    self.dtype,
+                    self.bn_scale_init,
+                    preact_name=f"layer{stage + 1}.preact" if i == size - 1 else "",
+                    name=f"layer{stage + 1}_{i}",
                 )(x, train)
             self.sow("intermediates", f"layer{stage + 1}", x)
         x = jnp.mean(x, axis=(1, 2))

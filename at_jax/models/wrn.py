@@ -37,16 +37,22 @@ def blocks_per_group(depth: int) -> int:
 
 
 class WRNBlock(nn.Module):
-    """Pre-activation basic block of the reference code."""
+    """Pre-activation basic block of the reference code. ``preact_name``: sow the batch norm of
+    its input before the ReLU (the previous group's pre-activation: AB's feature point) under
+    that name among its parent's activations."""
 
     features: int
     stride: int
     dtype: Any = jnp.float32
     bn_scale_init: str = "ones"
+    preact_name: str = ""
 
     @nn.compact
     def __call__(self, x, train: bool):
-        o1 = nn.relu(batch_norm(train, "bn0", self.dtype, self.bn_scale_init)(x))
+        pre = batch_norm(train, "bn0", self.dtype, self.bn_scale_init)(x)
+        if self.preact_name and isinstance(self.parent, nn.Module):
+            self.parent.sow("intermediates", self.preact_name, pre)
+        o1 = nn.relu(pre)
         y = conv(self.features, 3, self.stride, name="conv0", dtype=self.dtype)(o1)
         o2 = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(y))
         z = conv(self.features, 3, 1, name="conv1", dtype=self.dtype)(o2)
@@ -60,8 +66,11 @@ class WRNBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-width. ``__call__(x, train)`` maps NHWC images to logits and sows group outputs
-    (``group{g}``, ``group{g}.block{i}``) and the pooled vector (``features``)."""
+    """WRN-depth-width. ``__call__(x, train)`` maps NHWC images to logits and sows the first
+    conv's output (``stem``), group outputs (``group{g}``, ``group{g}.block{i}``), each group's
+    pre-activation (``group{g}.preact``: its output through the batch norm that comes next, the
+    next group's first ``bn0`` or the final ``bn``, before the ReLU; RepDistiller's
+    ``preact=True`` features) and the pooled vector (``features``)."""
 
     depth: int = 16
     width: int = 1
@@ -77,6 +86,7 @@ class WideResNet(nn.Module):
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"WRN width must be a positive integer, got {self.width!r}")
         x = conv(BASE_WIDTHS[0], 3, name="conv0", dtype=self.dtype)(x.astype(self.dtype))
+        self.sow("intermediates", "stem", x)
         for g, (base, stride) in enumerate(zip(BASE_WIDTHS, GROUP_STRIDES, strict=True)):
             for i in range(n):
                 x = WRNBlock(
@@ -84,11 +94,13 @@ class WideResNet(nn.Module):
                     stride if i == 0 else 1,
                     self.dtype,
                     self.bn_scale_init,
+                    preact_name=f"group{g - 1}.preact" if g > 0 and i == 0 else "",
                     name=f"group{g}_block{i}",
                 )(x, train)
                 self.sow("intermediates", f"group{g}.block{i}", x)
             self.sow("intermediates", f"group{g}", x)
-        x = nn.relu(batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x))
-        x = jnp.mean(x, axis=(1, 2))
+        pre = batch_norm(train, "bn", self.dtype, self.bn_scale_init)(x)
+        self.sow("intermediates", f"group{len(BASE_WIDTHS) - 1}.preact", pre)
+        x = jnp.mean(nn.relu(pre), axis=(1, 2))
         self.sow("intermediates", "features", x)  # the pooled vector (RepDistiller's feat[-1])
         return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
