@@ -6,11 +6,12 @@ A config says the first stage with the term's ``init_epochs`` (and ``init_lr``):
     config.loss.ab = {"weight": 1.0, "init_epochs": 30}
 
 :func:`plan` turns such a config into two runs. The first stage is an at_jax run of its own in
-``WORKDIR/init_stage`` (its config derived from the run's: ``epochs`` = ``init_epochs``, the
-loss the term alone with ``stage="init"`` and weight 1, the reference's ``sum(loss_group)``;
-SGD as the run's with a constant learning rate, ``init_lr`` or the term's default or the run's
-``optimizer.lr``; the student's classifier frozen, or the whole student with batch norm in eval
-mode where the term trains only its own modules). It checkpoints, resumes and reports as any
+``WORKDIR/init_stage`` (its config derived from the run's: ``num_epochs`` = ``init_epochs``;
+the loss the term alone with weight 1, the reference's ``sum(loss_group)``, called with
+``stage="init"`` where the term has a main-stage loss too; the run's optimiser (RepDistiller's:
+SGD, its momentum and weight decay) at a constant learning rate, ``init_lr`` or the term's
+default or the run's base lr; the student's classifier frozen, or the whole student with batch
+norm in eval mode where the term trains only its own modules). It checkpoints, resumes and reports as any
 run, and a finished one is reused. The main stage is the run in ``WORKDIR`` (its config the
 user's): every seed starts from the same seed of the first stage (the student's variables, and
 the term's ``keeps`` modules, frozen: FT's paraphraser), with a fresh optimiser and the run's
@@ -27,6 +28,7 @@ from typing import Optional
 import ml_collections
 
 from at_jax.objective import ActiveTerms
+from at_jax.optim import base_lr
 from at_jax.terms import InitStage, init_stage_of, term_options
 
 __all__ = ["INIT_DIR", "TwoStages", "plan", "init_stage_config", "describe"]
@@ -107,12 +109,12 @@ def init_stage_config(
     first.loss = ml_collections.ConfigDict(
         {name: {**term_options(options), "weight": 1.0, **marker}}
     )
-    lr = options.get("init_lr", 0.0) or stage.init_lr or config.optimizer.lr
-    first.optimizer.lr = float(lr)
+    lr = options.get("init_lr", 0.0) or stage.init_lr
+    if lr:  # as given; else the run's base lr (scaled with the batch size where it is)
+        first.optimizer.lr, first.optimizer.lr_batch_size = float(lr), 0
     first.optimizer.lr_decay_epochs = ()
     with first.optimizer.ignore_type():
         first.optimizer.schedule = "step"
-    first.optimizer.lr_batch_size = 0
     if "ema_decay" in first.optimizer:
         first.optimizer.ema_decay = 0.0
     if stage.trains == "term":
@@ -131,6 +133,7 @@ def describe(stages: TwoStages) -> str:
         else f"the student's layers but its classifier, and {stages.term}'s modules"
     )
     return (
-        f"first stage ({stages.term}, {cfg.num_epochs} epochs, lr {cfg.optimizer.lr:g} constant): "
+        f"first stage ({stages.term}, {cfg.num_epochs} epochs, lr "
+        f"{base_lr(cfg.optimizer, cfg.batch_size):g} constant): "
         f"trains {what}"
     )

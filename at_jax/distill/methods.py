@@ -35,7 +35,8 @@ def baseline_term(name: str) -> dict[str, Any]:
 
 # The baselines' config edits (at_jax.recipes.METHODS has them: configs/cifar100.py:crd ...):
 # the student's CE (γ = 1, α = 0, as the reference's commands) plus the method's term; CRD+KD
-# adds KD with α = 1 (today's KL·T², the reference's -a 1).
+# adds KD with α = 1 (today's KL·T², the reference's DistillKL with -a 1, whatever form of KD
+# the file's own kd method uses).
 BASELINE_METHODS: dict[str, dict[str, Any]] = {
     name: {f"loss.{name}": baseline_term(name)} for name in REFERENCE_WEIGHTS
 }
@@ -43,4 +44,5 @@ BASELINE_METHODS["crd_kd"] = {
     **BASELINE_METHODS["crd"],
     "loss.kd.weight": 1.0,
     "loss.kd.alpha": 1.0,
+    "loss.kd.legacy": False,
 }
