@@ -229,7 +229,9 @@ def test_ab_and_fsp_train_the_student_in_their_first_stage_then_ce_alone(
 ):
     """AB (connectors + the student's layers on the pre-activations) and FSP (the student's
     layers on the flow matrices) lower their loss in the first stage with the classifier
-    frozen; the main stage starts from that student and trains with CE alone."""
+    frozen; the main stage starts from that student and trains with CE alone. AB stopped in its
+    first stage resumes there (its connectors from the checkpoint) and ends as the
+    uninterrupted run, both stages."""
     from conftest import tiny_config
 
     teacher_dir, idx_dir = teacher_run
@@ -254,3 +256,14 @@ def test_ab_and_fsp_train_the_student_in_their_first_stage_then_ce_alone(
         trained["params"]["conv0"]["kernel"] - fresh.params["student"]["conv0"]["kernel"]
     )
     assert moved.max() > 0
+    if method == "ab":
+        from conftest import assert_same_run
+
+        run = tmp_path / "stopped"
+        _interrupt_after(run / "init_stage" / "metrics.jsonl", 2)
+        with pytest.raises(train.Stopped):
+            train.train_and_evaluate(config, str(run), progress=False)
+        assert not (run / "init_stage" / "results.json").exists()
+        train.train_and_evaluate(config, str(run), progress=False)
+        assert_same_run(tmp_path / "r" / "init_stage", run / "init_stage", rel=1e-5)
+        assert_same_run(tmp_path / "r", run, rel=1e-5)
