@@ -1,9 +1,11 @@
 """Model registry: ``get_model(name, num_classes=10, **overrides)``.
 
 Names: ``wrn-D-K`` (any depth D = 6n+4 and integer width K), ``nin-thin``, ``nin-wide``,
-``resnet-18``, ``resnet-34``, and, for fast tests, ``wrn-tiny`` (WRN-10-1) and ``resnet-tiny`` (one
-block per group, widths 8-64, the ResNet layout otherwise) and ``nin-tiny`` (the NIN layout,
-widths 4-8).
+``resnet-18``, ``resnet-34``, RepDistiller's CIFAR models under its names (``resnet8`` …
+``resnet110``, ``resnet8x4``, ``resnet32x4``, ``vgg8`` … ``vgg19``: :mod:`at_jax.models.cifar`;
+its ``wrn_40_2`` etc. name our ``wrn-40-2``), and, for fast tests, ``wrn-tiny`` (WRN-10-1)
+and ``resnet-tiny`` (one block per group, widths 8-64, the ResNet layout otherwise) and
+``nin-tiny`` (the NIN layout, widths 4-8).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 from flax import traverse_util
 
+from at_jax.models.cifar import VGG, CifarResNet, cifar_models
 from at_jax.models.nin import NIN, THIN_WIDTHS, WIDE_WIDTHS
 from at_jax.models.resnet import STAGE_SIZES, ResNet, from_torchvision
 from at_jax.models.vit import VIT_SIZES, VisionTransformer
@@ -33,6 +36,15 @@ _FIXED: dict[str, Callable[..., nn.Module]] = {
         **{"stage_sizes": (1, 1, 1, 1), "widths": (8, 16, 32, 64), **kw}
     ),
     "nin-tiny": lambda **kw: NIN(**{"widths": (8, 8, 4, 8, 8, 8, 8, 8), **kw}),
+    # RepDistiller's CIFAR models under its own names (at_jax.models.cifar)
+    **cifar_models(),
+}
+# RepDistiller's names for the WRNs at_jax has as wrn-D-K
+REFERENCE_ALIASES = {
+    "wrn_16_1": "wrn-16-1",
+    "wrn_16_2": "wrn-16-2",
+    "wrn_40_1": "wrn-40-1",
+    "wrn_40_2": "wrn-40-2",
 }
 
 
@@ -46,6 +58,7 @@ def get_model(name: str, num_classes: int = 10, **overrides) -> nn.Module:
     ``dtype``)."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    name = REFERENCE_ALIASES.get(name, name)
     match = _WRN_PATTERN.match(name)
     if match:
         depth, width = int(match.group(1)), int(match.group(2))
@@ -102,6 +115,8 @@ __all__ = [
     "NIN",
     "ResNet",
     "WideResNet",
+    "CifarResNet",
+    "VGG",
     "VisionTransformer",
     "from_torchvision",
     "get_model",

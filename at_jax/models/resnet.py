@@ -105,13 +105,17 @@ _BN_FIELDS = {
 
 
 def from_torchvision(state_dict: Mapping[str, Any]) -> dict:
-    """Convert a torchvision ResNet ``state_dict`` into ``{'params': ..., 'batch_stats': ...}``.
+    """Convert a torchvision ResNet ``state_dict`` into ``{'params': ..., 'batch_stats': ...}``
+    (and any state dict of that naming: RepDistiller's CIFAR ResNets and VGGs, whose modules
+    :mod:`at_jax.models.cifar` names alike).
 
     Keys such as ``layer2.0.downsample.1.running_var`` become
     ``batch_stats/layer2_0/downsample_1/var``; conv kernels go from OIHW to HWIO and the fc weight
     is transposed. ``num_batches_tracked`` entries are ignored.
     """
     variables: dict = {"params": {}, "batch_stats": {}}
+    # batch norms are the modules with running statistics (VGG's are Sequential indices)
+    bn_modules = {k.rsplit(".", 1)[0] for k in state_dict if k.endswith(".running_mean")}
     for key, value in state_dict.items():
         value = np.asarray(value)
         parts = key.split(".")
@@ -129,9 +133,7 @@ def from_torchvision(state_dict: Mapping[str, Any]) -> dict:
             else:
                 path.append(module[i])
                 i += 1
-        leaf_name = path[-1]
-        is_bn = leaf_name.startswith("bn") or leaf_name == "downsample_1"
-        if is_bn:
+        if ".".join(module) in bn_modules:
             collection, name = _BN_FIELDS[field]
         elif value.ndim == 4:
             collection, name, value = "params", "kernel", value.transpose(2, 3, 1, 0)
