@@ -12,8 +12,8 @@ the loss the term alone with weight 1, the reference's ``sum(loss_group)``, call
 SGD, its momentum and weight decay) at a constant learning rate, ``init_lr`` or the term's
 default or the run's base lr; the student's classifier frozen, or the whole student with batch
 norm in eval mode where the term trains only its own modules). It checkpoints, resumes and
-reports as any run, and a finished one is reused. The main stage is the run in ``WORKDIR`` (its config the
-user's): every seed starts from the same seed of the first stage (the student's variables, and
+reports as any run, and a finished one is reused. The main stage is the run in ``WORKDIR`` (its
+config the user's): every seed starts from the same seed of the first stage (the student's variables, and
 the term's ``keeps`` modules, frozen: FT's paraphraser), with a fresh optimiser and the run's
 schedule, as the reference's second ``optimizer``. A restarted run resumes in the stage it was
 in: a first stage with results is not trained again.
