@@ -6,17 +6,17 @@ A config says the first stage with the term's ``init_epochs`` (and ``init_lr``):
     config.loss.ab = {"weight": 1.0, "init_epochs": 30}
 
 :func:`plan` turns such a config into two runs. The first stage is an at_jax run of its own in
-``WORKDIR/init_stage`` (its config derived from the run's: ``num_epochs`` = ``init_epochs``;
-the loss the term alone with weight 1, the reference's ``sum(loss_group)``, called with
+``WORKDIR/init_stage`` (its config derived from the run's: ``num_epochs`` = ``init_epochs``; the
+loss the term alone with weight 1, the reference's ``sum(loss_group)``, called with
 ``stage="init"`` where the term has a main-stage loss too; the run's optimiser (RepDistiller's:
 SGD, its momentum and weight decay) at a constant learning rate, ``init_lr`` or the term's
 default or the run's base lr; the student's classifier frozen, or the whole student with batch
 norm in eval mode where the term trains only its own modules). It checkpoints, resumes and
 reports as any run, and a finished one is reused. The main stage is the run in ``WORKDIR`` (its
-config the user's): every seed starts from the same seed of the first stage (the student's variables, and
-the term's ``keeps`` modules, frozen: FT's paraphraser), with a fresh optimiser and the run's
-schedule, as the reference's second ``optimizer``. A restarted run resumes in the stage it was
-in: a first stage with results is not trained again.
+config the user's): every seed starts from the same seed of the first stage (the student's
+variables, and the term's ``keeps`` modules, frozen: FT's paraphraser), with a fresh optimiser
+and the run's schedule, as the reference's second ``optimizer``. A restarted run resumes in the
+stage it was in: a first stage with results is not trained again.
 """
 
 from __future__ import annotations
