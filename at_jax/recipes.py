@@ -26,10 +26,11 @@ import ml_collections
 from at_jax.attention_copy import AttentionCopy
 from at_jax.compilation_cache import default_cache_dir
 from at_jax.data import DATASETS, STREAMED
+from at_jax.data.augment import PAD_MODES
 from at_jax.data.config import default_data_config
 from at_jax.data.randaugment import parse_policy
 from at_jax.data.transforms import ON_BAD_IMAGE
-from at_jax.distill.methods import BASELINE_METHODS, INIT_EPOCHS, baseline_term
+from at_jax.distill.methods import BASELINE_METHODS
 from at_jax.gradient import BN_MODES
 from at_jax.models.build import DTYPES
 from at_jax.objective import ActiveTerms, validate_terms
@@ -45,8 +46,6 @@ __all__ = [
     "set_path",
     "METHODS",
     "BETA",
-    "INIT_EPOCHS",
-    "baseline_term",
 ]
 
 BETA = 1e3
@@ -71,8 +70,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "at_fmax1": {"loss.at.weight": BETA, "loss.at.p": 1.0, "loss.at.reduce": "max"},
 }
 
-# the distillation baselines of issue 26 (configs/cifar100.py:crd ...): at_jax.distill.methods
-METHODS.update(BASELINE_METHODS)
+METHODS.update(BASELINE_METHODS)  # the distillation baselines (configs/cifar100.py:crd ...)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -271,6 +269,8 @@ def _check_data(p: _Problems) -> None:
         p.need(isinstance(value, int) and value >= 0, f"data.{key}", "an integer >= 0")
     for key in ("read_threads", "prefetch"):
         p.need(_positive_int(p.value(f"data.{key}")), f"data.{key}", "an integer >= 1")
+    mode = p.value("data.augment.crop_pad_mode", "reflect")
+    p.need(mode in PAD_MODES, "data.augment.crop_pad_mode", f"one of {PAD_MODES}")
     size = p.value("data.image_size")
     p.need(isinstance(size, int) and size >= 8, "data.image_size", "an integer >= 8")
     on_bad = p.value("data.on_bad_image", "error")

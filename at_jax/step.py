@@ -104,6 +104,7 @@ def prepare_batch(
             spec.std,
             crop_pad=augment["crop_pad"],
             flip=augment["flip"],
+            pad_mode=augment.get("crop_pad_mode", "reflect"),
             dtype=dtype,
         )
         labels = batch["pool_label"][idx]

@@ -182,3 +182,69 @@ def close(ours, want, what):
     """Equal to float32 round-off relative to the array's scale (activations reach 1e2 here)."""
     assert ours.shape == want.shape, what
     assert np.abs(np.asarray(ours) - want).max() <= 1e-5 * np.abs(want).max() + 1e-6, what
+
+
+SAME_ARCHITECTURE = [  # RepDistiller's README, its first table's pairs (teacher, student)
+    ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"),
+]
+
+
+def test_repdistiller_configs_give_its_recipe_and_find_every_feature_point():
+    """configs/cifar100.py:METHOD,TEACHER,STUDENT for every method and same-architecture pair:
+    valid, the reference's recipe and weights, its teacher's workdir; AB's pre-activations and
+    CRD's vector found on both networks of every pair (shapes only)."""
+    from configs import cifar100
+
+    from at_jax import recipes
+    from at_jax.data import DataSpec
+    from at_jax.distill.methods import REPDISTILLER_METHODS
+    from at_jax.networks import Networks
+    from at_jax.terms import TermData
+
+    spec = DataSpec(100, (32, 32, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    for teacher, student in SAME_ARCHITECTURE:
+        for method in REPDISTILLER_METHODS:
+            config = cifar100.get_config(f"{method},{teacher},{student}")
+            recipes.validate_config(config)
+            assert config.model == (teacher if method == "teacher" else student)
+            assert (config.batch_size, config.num_epochs, config.optimizer.lr) == (64, 240, 0.05)
+            assert tuple(config.optimizer.lr_decay_epochs) == (150, 180, 210)
+        assert cifar100.get_config(f"kd,{teacher},{student}").loss.kd.alpha == 0.9
+        t_model = get_model(teacher, num_classes=100)
+        t_vars = jax.eval_shape(t_model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        config = cifar100.get_config(f"ab,{teacher},{student}")
+        config.loss.crd = cifar100.get_config(f"crd,{teacher},{student}").loss.crd
+        config.loss.ab.init_epochs = 0  # (one networks build for both terms)
+        net = Networks.from_config(
+            config,
+            spec,
+            teacher_model=t_model,
+            teacher_variables=t_vars,
+            term_data=TermData(64, np.arange(64) % 100),
+        )
+        assert {"ab", "crd"} <= set(net.terms)
+        assert cifar100.get_config(f"crd,{teacher},{student}").teacher.workdir.endswith(teacher)
+    with pytest.raises(ValueError, match="METHOD,TEACHER,STUDENT"):
+        cifar100.get_config("crd,wrn_40_2")
+    with pytest.raises(ValueError, match="unknown method 'crdd'"):
+        cifar100.get_config("crdd,wrn_40_2,wrn_16_2")
+
+
+def test_zero_padded_crops_have_black_borders_as_torchvisions():
+    from at_jax.data.augment import random_crop
+
+    images = jnp.full((64, 4, 4, 1), 200, jnp.uint8)
+    crops = np.asarray(random_crop(images, jax.random.key(0), 2, "zeros"))
+    reflected = np.asarray(random_crop(images, jax.random.key(0), 2, "reflect"))
+    assert (reflected == 200).all() and set(np.unique(crops)) == {0, 200}
+    # each crop is the image shifted by its offset, black where it left the frame
+    kept = (crops == 200).reshape(64, -1).sum(1)
+    assert set(kept) <= {a * b for a in (2, 3, 4) for b in (2, 3, 4)} and 16 in set(kept)
+    with pytest.raises(ValueError, match="crop padding mode"):
+        random_crop(images, jax.random.key(0), 2, "edge")

@@ -20,7 +20,7 @@ from at_jax import recipes, stages, train
 from at_jax.checkpoints import restore_seeds
 from at_jax.data import open_data
 from at_jax.distill import REFERENCE_WEIGHTS
-from at_jax.distill.methods import BASELINE_METHODS
+from at_jax.distill.methods import BASELINE_METHODS, baseline_term
 from at_jax.files import read_jsonl
 from at_jax.models import get_model
 from at_jax.networks import Networks
@@ -172,7 +172,7 @@ def test_every_baseline_trains_from_the_teacher_and_resumes_exactly(teacher_run,
     weights.update({"nst": 1.0, "dkd": 0.1, "crd": 0.8, "ft": 1.0})
     config = tiny_config(idx_dir, "student", num_epochs=2, **{"data.augment.crop_pad": 0})
     for name, weight in weights.items():
-        config.loss[name] = ml_collections.ConfigDict(recipes.baseline_term(name))
+        config.loss[name] = ml_collections.ConfigDict(baseline_term(name))
         config.loss[name].weight = weight
     config.loss.dkd.warmup, config.loss.crd.k, config.loss.ft.init_epochs = 2, 64, 1
     config.log_every_steps, config.checkpoint_every_steps = 2, 2
