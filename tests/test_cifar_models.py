@@ -199,13 +199,12 @@ def test_repdistiller_configs_give_its_recipe_and_find_every_feature_point():
     """configs/cifar100.py:METHOD,TEACHER,STUDENT for every method and same-architecture pair:
     valid, the reference's recipe and weights, its teacher's workdir; AB's pre-activations and
     CRD's vector found on both networks of every pair (shapes only)."""
-    from configs import cifar100
-
     from at_jax import recipes
     from at_jax.data import DataSpec
     from at_jax.distill.methods import REPDISTILLER_METHODS
     from at_jax.networks import Networks
     from at_jax.terms import TermData
+    from configs import cifar100
 
     spec = DataSpec(100, (32, 32, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     for teacher, student in SAME_ARCHITECTURE:
