@@ -1,7 +1,10 @@
-"""torchvision ResNet or MAE/timm ViT weights → an at_jax run directory.
+"""torchvision ResNet, MAE/timm ViT or RepDistiller CIFAR weights → an at_jax run directory.
 
     python -m at_jax.convert --torchvision resnet34-b627a593.pth --model resnet-34 \
         --workdir runs/torchvision/resnet-34
+    python -m at_jax.convert --repdistiller wrn_40_2_vanilla/ckpt_epoch_240.pth \
+        --model wrn_40_2 --dataset cifar100 --image_size 32 \
+        --workdir runs/cifar100/repdistiller/wrn_40_2
     python -m at_jax.convert --timm mae_pretrain_vit_large.pth --model vit-large/16 \
         --workdir runs/mae/vit-large
 
@@ -47,6 +50,7 @@ from at_jax.checkpoints import Checkpoints
 from at_jax.data.catalog import dataset_spec
 from at_jax.files import write_json_atomic
 from at_jax.models import from_torchvision, get_model
+from at_jax.models.cifar import REPDISTILLER_MODELS, wrn_keys
 from at_jax.models.vit import VisionTransformer
 from at_jax.models.vit_convert import from_timm
 from at_jax.naming import natural_sorted
@@ -197,25 +201,32 @@ def to_vit_variables(
 
 
 def to_variables(
-    state_dict: Mapping[str, Any], model_name: str, image_size: int = 224
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    image_size: int = 224,
+    fmt: str = "torchvision",
 ) -> tuple[dict, int]:
-    """``(variables, num_classes)``: converted, and checked against ``model_name``'s layout."""
-    if model_name not in MODELS:
-        raise ConversionError(f"--model must be one of {', '.join(MODELS)}, got {model_name!r}")
-    if "fc.weight" not in state_dict:
+    """``(variables, num_classes)``: converted, and checked against ``model_name``'s layout
+    (``fmt`` "torchvision" or "repdistiller": :data:`REPDISTILLER_MODELS`)."""
+    known = REPDISTILLER_MODELS if fmt == "repdistiller" else MODELS
+    if model_name not in known:
+        raise ConversionError(f"--model must be one of {', '.join(known)}, got {model_name!r}")
+    if fmt == "repdistiller" and model_name.startswith("wrn_"):
+        state_dict = wrn_keys(state_dict)
+    head = "classifier.weight" if model_name.startswith("vgg") else "fc.weight"
+    if head not in state_dict:
         raise ConversionError(
-            "the state_dict has no fc.weight: it is not a torchvision ResNet "
+            f"the state_dict has no {head}: it is not a {fmt} {model_name} "
             f"(keys: {natural_sorted(state_dict)[:5]} ...)"
         )
-    num_classes = int(np.shape(state_dict["fc.weight"])[0])
+    num_classes = int(np.shape(state_dict[head])[0])
     try:
         variables = from_torchvision(state_dict)
     except (KeyError, ValueError) as e:
-        raise ConversionError(f"not a torchvision ResNet state_dict: {e}") from None
+        raise ConversionError(f"not a {fmt} state_dict: {e}") from None
     model = get_model(model_name, num_classes=num_classes)
-    _check_shapes(
-        model, variables, (image_size, image_size, 3), model_name, _infer_model(state_dict)
-    )
+    looks = _infer_model(state_dict) if fmt == "torchvision" else "another model"
+    _check_shapes(model, variables, (image_size,) * 2 + (3,), model_name, looks)
     return variables, num_classes
 
 
@@ -289,10 +300,10 @@ def convert(
     num_classes: Optional[int] = None,
 ) -> dict:
     """Convert ``path`` (a ``.pth`` or ``.npz`` state_dict; ``fmt`` "torchvision" for ResNets,
-    "timm" for MAE/timm ViTs) into the run ``workdir``; returns a summary. ``num_classes``: the
-    classifier of a head-less ViT (default: the dataset's)."""
-    if fmt not in ("torchvision", "timm"):
-        raise ConversionError(f"fmt must be 'torchvision' or 'timm', got {fmt!r}")
+    "repdistiller" for its CIFAR models, "timm" for MAE/timm ViTs) into the run ``workdir``;
+    returns a summary. ``num_classes``: a head-less ViT's classifier (default: the dataset's)."""
+    if fmt not in ("torchvision", "timm", "repdistiller"):
+        raise ConversionError(f"fmt must be 'torchvision', 'timm' or 'repdistiller', got {fmt!r}")
     state_dict = read_state_dict(path)
     source = {"path": os.path.abspath(path), "sha256": _sha256(path), "format": fmt}
     overrides: dict = {}
@@ -303,16 +314,11 @@ def convert(
         )
         source["head"] = "converted" if "head.weight" in state_dict else "none (zeros)"
     else:
-        variables, num_classes = to_variables(state_dict, model_name, image_size)
+        variables, num_classes = to_variables(state_dict, model_name, image_size, fmt)
     write_run(workdir, variables, model_name, num_classes, dataset, image_size, source, overrides)
     n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
-    return {
-        "workdir": workdir,
-        "model": model_name,
-        "num_classes": num_classes,
-        "parameters": n_params,
-        **source,
-    }
+    summary = {"workdir": workdir, "model": model_name, "num_classes": num_classes}
+    return {**summary, "parameters": n_params, **source}
 
 
 def main(argv=None) -> int:
@@ -336,6 +342,7 @@ def main(argv=None) -> int:
         metavar="PATH",
         help="MAE/timm ViT state_dict (MAE's files: their 'model' entry): .pth/.pt or .npz",
     )
+    source.add_argument("--repdistiller", metavar="PATH", help="a RepDistiller CIFAR checkpoint")
     parser.add_argument(
         "--model",
         required=True,
@@ -362,10 +369,11 @@ def main(argv=None) -> int:
         "(default: the dataset's)",
     )
     args = parser.parse_args(argv)
-    fmt = "timm" if args.timm else "torchvision"
+    fmt = "timm" if args.timm else "repdistiller" if args.repdistiller else "torchvision"
+    path = args.timm or args.repdistiller or args.torchvision
     try:
         summary = convert(
-            args.timm or args.torchvision,
+            path,
             args.model,
             args.workdir,
             args.dataset,
@@ -378,7 +386,7 @@ def main(argv=None) -> int:
         return 1
     print(
         f"{summary['model']} ({summary['parameters']:,} parameters, {summary['num_classes']} "
-        f"classes) from {args.timm or args.torchvision} -> {args.workdir}\n"
+        f"classes) from {path} -> {args.workdir}\n"
         f"use it as --config.teacher.workdir={args.workdir} or "
         f"--config.init_from={args.workdir}"
     )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from test_fidelity import torch
 
-from at_jax.models import forward, from_torchvision, get_model
+from at_jax.convert import ConversionError, convert, to_variables
+from at_jax.models import forward, get_model
 from at_jax.models.cifar import CIFAR_RESNETS, VGG_CONFIGS
 
 nn = torch.nn
@@ -96,30 +97,52 @@ class TorchVGG(nn.Module):
 
 
 class TorchWRNBlock(nn.Module):
+    """RepDistiller's wrn.py BasicBlock (pre-activation; the shortcut reads relu(bn1(x)))."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.short = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.convShortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.convShortcut is None else self.convShortcut(o))
+
+
+class TorchNetworkBlock(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.layer = nn.Sequential(*blocks)
 
 
 class TorchWRN(nn.Module):
-    """RepDistiller's WRN (its models/wrn.py), for the parameter count."""
+    """RepDistiller's WRN (its models/wrn.py), under its module names."""
 
     def __init__(self, depth, k, classes=100):
         super().__init__()
         n, widths = (depth - 4) // 6, [16, 16 * k, 32 * k, 64 * k]
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        blocks, cin = [], 16
+        cin = 16
         for g in range(3):
+            blocks = []
             for i in range(n):
                 blocks.append(TorchWRNBlock(cin, widths[g + 1], (1, 2, 2)[g] if i == 0 else 1))
                 cin = widths[g + 1]
-        self.blocks, self.bn1, self.fc = (
-            nn.ModuleList(blocks),
-            nn.BatchNorm2d(cin),
-            nn.Linear(cin, classes),
-        )
+            setattr(self, f"block{g + 1}", TorchNetworkBlock(blocks))
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        feats = {"stem": x}
+        for g in range(3):
+            x = getattr(self, f"block{g + 1}").layer(x)
+            feats[f"group{g}"] = x
+        x = F.relu(self.bn1(x)).mean((2, 3))
+        feats["features"] = x
+        return self.fc(x), feats
 
 
 def torch_model(name):
@@ -157,12 +180,15 @@ def randomize(module, seed):
     return module.eval()
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "vgg8"])
+@pytest.mark.parametrize("name", ["resnet8x4", "vgg8", "wrn_16_2"])
 def test_logits_and_features_equal_the_reference_layout(name):
-    """One of each family, 32×32 (and VGG at 64×64, where its fourth pool runs): the converted
-    PyTorch weights give the same logits and every sown feature point."""
+    """One of each family, 32×32 (and VGG at 64×64, where its fourth pool runs): the reference's
+    state dict, converted as ``python -m at_jax.convert --repdistiller`` does, gives the same
+    logits and every sown feature point."""
     reference = randomize(torch_model(name), 0)
-    variables = from_torchvision({k: v.numpy() for k, v in reference.state_dict().items()})
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    variables, classes = to_variables(state_dict, name, 32, "repdistiller")
+    assert classes == 100
     model = get_model(name, num_classes=100)
     sizes = (32, 64) if name.startswith("vgg") else (32,)
     for size in sizes:
@@ -247,3 +273,20 @@ def test_zero_padded_crops_have_black_borders_as_torchvisions():
     assert set(kept) <= {a * b for a in (2, 3, 4) for b in (2, 3, 4)} and 16 in set(kept)
     with pytest.raises(ValueError, match="crop padding mode"):
         random_crop(images, jax.random.key(0), 2, "edge")
+
+
+def test_convert_cli_reads_a_repdistiller_checkpoint_into_a_teacher_run(tmp_path):
+    """Its checkpoint file ({'model': state_dict, 'epoch', ...}) → a run directory that
+    load_teacher reads back to the same weights; a mismatched --model is refused in one line."""
+    from at_jax.teacher import load_run_variables
+
+    reference = randomize(torch_model("resnet8"), 1)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": reference.state_dict(), "accuracy": 70.0}, path)
+    summary = convert(str(path), "resnet8", str(tmp_path / "run"), "cifar100", 32, "repdistiller")
+    assert summary["parameters"] == sum(p.numel() for p in reference.parameters())
+    model, variables, _ = load_run_variables(str(tmp_path / "run"), 100, (32, 32, 3))
+    want = reference.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], want)
+    with pytest.raises(ConversionError, match="resnet20"):
+        convert(str(path), "resnet20", str(tmp_path / "other"), "cifar100", 32, "repdistiller")

@@ -27,7 +27,8 @@ reference's ``wrn_16_1`` 180 916, ``wrn_16_2`` 703 284, ``wrn_40_1`` 569 780, ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +37,16 @@ import jax.numpy as jnp
 from at_jax.models.common import batch_norm, conv, dense
 from at_jax.precision import upcast
 
-__all__ = ["CifarResNet", "CifarBasicBlock", "VGG", "CIFAR_RESNETS", "VGG_CONFIGS", "cifar_models"]
+__all__ = [
+    "CifarResNet",
+    "CifarBasicBlock",
+    "VGG",
+    "CIFAR_RESNETS",
+    "VGG_CONFIGS",
+    "REPDISTILLER_MODELS",
+    "cifar_models",
+    "wrn_keys",
+]
 
 # name -> (depth, widths): RepDistiller's models/resnet.py
 CIFAR_RESNETS = {
@@ -163,6 +173,36 @@ class VGG(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "features", x)
         return upcast(dense(self.num_classes, name="classifier", dtype=self.dtype)(x))
+
+
+# What `python -m at_jax.convert --repdistiller` takes: the models here and its WRNs
+REPDISTILLER_MODELS = (*CIFAR_RESNETS, *VGG_CONFIGS, "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
+_WRN_BLOCK_KEY = re.compile(r"^block(\d+)\.layer\.(\d+)\.(bn1|conv1|bn2|conv2|convShortcut)\.(.+)$")
+_WRN_INNER = {
+    "bn1": "bn0",
+    "conv1": "conv0",
+    "bn2": "bn1",
+    "conv2": "conv1",
+    "convShortcut": "convdim",
+}
+
+
+def wrn_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """RepDistiller's WRN keys (``block1.layer.0.bn1.weight``, ``convShortcut``, the final
+    ``bn1``) under at_jax's WRN names (``group0_block0.bn0.weight``, ``convdim``, ``bn``), for
+    :func:`~at_jax.models.from_torchvision`."""
+    out = {}
+    for key, value in state_dict.items():
+        block = _WRN_BLOCK_KEY.match(key)
+        if block:
+            g, i, inner, leaf = block.groups()
+            key = f"group{int(g) - 1}_block{i}.{_WRN_INNER[inner]}.{leaf}"
+        elif key.startswith("conv1."):
+            key = "conv0." + key[len("conv1.") :]
+        elif key.startswith("bn1."):
+            key = "bn." + key[len("bn1.") :]
+        out[key] = value
+    return out
 
 
 def cifar_models() -> dict[str, Any]:
