@@ -286,6 +286,7 @@ def test_convert_cli_reads_a_repdistiller_checkpoint_into_a_teacher_run(tmp_path
     summary = convert(str(path), "resnet8", str(tmp_path / "run"), "cifar100", 32, "repdistiller")
     assert summary["parameters"] == sum(p.numel() for p in reference.parameters())
     model, variables, _ = load_run_variables(str(tmp_path / "run"), 100, (32, 32, 3))
+    assert model.num_classes == 100
     want = reference.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], want)
     with pytest.raises(ConversionError, match="resnet20"):
