@@ -91,3 +91,79 @@ def test_table2_and_table3_plans():
     assert by_column["baseline"]["config"].num_epochs == 200
     with pytest.raises(ValueError, match="Table 3 runs on"):
         paper_tables.plan(3, "cifar100", "R", options)
+
+
+def test_repdistiller_runner_writes_every_cell_beside_the_reference_and_resumes_a_stopped_grid(
+    idx_dir, tmp_path
+):
+    """A tiny grid of RepDistiller's same-architecture table (one pair, KD; tiny models on the
+    IDX data): every cell trained with the reference's recipe, the table with the reference
+    row and the paired verdict, JSON and figure; stopped in a cell, the same call goes on with
+    it and reuses the finished ones; the cross table is refused while its models are missing."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from at_jax import train
+    from at_jax.files import read_jsonl
+    from experiments import repdistiller_tables as rt
+
+    options = {
+        "seeds": 2,
+        "teacher_epochs": 1,
+        "student_epochs": 1,
+        "train_size": 0,
+        "test_size": 64,
+        "data_dir": str(idx_dir),
+        "teacher_model": "wrn-tiny",
+        "student_model": "wrn-tiny",
+        "overrides": {"log_every_steps": 1},  # rows per step: the stop below lands inside kd
+    }
+    pair = [("wrn_40_2", "wrn_16_2")]
+    runs = rt.plan("same", "fashion_mnist", str(tmp_path), options, ("kd", "fsp"), pair)
+    assert [r["column"] for r in runs] == ["teacher", "student", "kd", "fsp"]
+    other = rt.plan(
+        "same", "fashion_mnist", str(tmp_path), options, ("fsp",), [("wrn_40_2", "wrn_40_1")]
+    )
+    assert [r["column"] for r in other] == ["teacher", "student"]  # FSP: the widths differ
+    kd = runs[2]["config"]
+    assert (kd.batch_size, kd.optimizer.lr, kd.loss.kd.alpha, kd.data.augment.crop_pad_mode) == (
+        64, 0.05, 0.9, "zeros"
+    )  # fmt: skip
+    assert kd.teacher.workdir == runs[0]["workdir"]
+
+    kd_rows = tmp_path / "fashion_mnist" / "wrn_40_2-wrn_16_2" / "kd" / "metrics.jsonl"
+
+    def stop_in_kd():
+        while not read_jsonl(str(kd_rows)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_in_kd, daemon=True).start()
+    with pytest.raises(train.Stopped):
+        rt.make_table(
+            "same", "fashion_mnist", str(tmp_path), options, ("kd",), pair, progress=False
+        )
+    teacher_results = tmp_path / "fashion_mnist" / "teachers" / "wrn_40_2" / "results.json"
+    done = teacher_results.stat().st_mtime
+    cells = rt.make_table(
+        "same", "fashion_mnist", str(tmp_path), options, ("kd",), pair, progress=False
+    )
+    assert teacher_results.stat().st_mtime == done  # reused, not trained again
+    kd_steps = [r["step"] for r in read_jsonl(str(kd_rows)) if "epoch" not in r]
+    assert kd_steps == sorted(set(kd_steps))  # resumed where it stopped: no step twice
+    row = cells["wrn_40_2:wrn_16_2"]
+    assert list(row) == ["teacher", "student", "kd"]
+    assert row["kd"]["reference"] == 74.92 and row["student"]["reference"] == 73.26
+    assert len(row["kd"]["accuracy_per_seed"]) == 2 and "p" in row["kd"]["vs_student"]
+    text = (tmp_path / "repdistiller_same_fashion_mnist.md").read_text()
+    assert "| wrn_40_2:wrn_16_2 | RepDistiller (reference) | 75.61 | 73.26 | 74.92 |" in text
+    assert "a reference from another dataset" in text
+    saved = json.loads((tmp_path / "repdistiller_same_fashion_mnist.json").read_text())
+    assert saved["cells"]["wrn_40_2:wrn_16_2"]["kd"]["median"] == row["kd"]["median"]
+    assert (tmp_path / "repdistiller_same_fashion_mnist.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="MobileNetV2.*does not have yet"):
+        rt.pairs_of("cross")
+    with pytest.raises(ValueError, match="not in the 'same' table"):
+        rt.pairs_of("same", "vgg13:resnet8")
