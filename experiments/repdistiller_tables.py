@@ -39,6 +39,7 @@ from at_jax.files import write_json_atomic
 from at_jax.models import get_model
 from at_jax.runs import CheckpointError
 from configs import cifar100
+from experiments import paper_tables
 from experiments.paired import paired
 
 METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
@@ -168,17 +169,25 @@ def plan(table: str, dataset: str, root: str, options: dict, methods=METHODS, pa
             ("student", os.path.join(base, "students", student)),
         ):
             config = cell_config(dataset, column, teacher, student, teachers, options)
-            runs.append({"pair": (teacher, student), "column": column, "workdir": workdir})
-            runs[-1]["config"] = config
+            runs.append(_run(teacher, student, column, workdir, config))
         for method in methods:
             if method == "fsp" and not _widths_match(teacher, student):
                 continue
             workdir = os.path.join(base, f"{teacher}-{student}", method)
             config = cell_config(dataset, method, teacher, student, teachers, options)
-            runs.append(
-                {"pair": (teacher, student), "column": method, "workdir": workdir, "config": config}
-            )
+            runs.append(_run(teacher, student, method, workdir, config))
     return runs
+
+
+def _run(teacher: str, student: str, column: str, workdir: str, config) -> dict:
+    pair = (teacher, student)
+    return {
+        "pair": pair,
+        "row": ":".join(pair),
+        "column": column,
+        "workdir": workdir,
+        "config": config,
+    }
 
 
 def summarise(table: str, runs: list[dict]) -> dict:
@@ -267,15 +276,7 @@ def make_table(
     table, dataset, root, options, methods=METHODS, pairs=None, command="", progress=True
 ):
     """Train (or reuse) every run, then write the table, its JSON and figure; returns the cells."""
-    runs = plan(table, dataset, root, options, methods, pairs)
-    for i, run in enumerate(runs, 1):
-        config = run["config"]
-        print(
-            f"\n[{i}/{len(runs)}] {':'.join(run['pair'])} {run['column']}: {config.model}, "
-            f"{config.num_seeds} seed(s), {config.num_epochs} epochs -> {run['workdir']}",
-            flush=True,
-        )
-        run["results"] = train.train_and_evaluate(config, run["workdir"], progress=progress)
+    runs = paper_tables.run_all(plan(table, dataset, root, options, methods, pairs), progress)
     cells = summarise(table, runs)
     stem = os.path.join(root, f"repdistiller_{table}_{dataset}")
     command = command or f"python -m experiments.repdistiller_tables --table {table}"

@@ -210,17 +210,6 @@ def close(ours, want, what):
     assert np.abs(np.asarray(ours) - want).max() <= 1e-5 * np.abs(want).max() + 1e-6, what
 
 
-SAME_ARCHITECTURE = [  # RepDistiller's README, its first table's pairs (teacher, student)
-    ("wrn_40_2", "wrn_16_2"),
-    ("wrn_40_2", "wrn_40_1"),
-    ("resnet56", "resnet20"),
-    ("resnet110", "resnet20"),
-    ("resnet110", "resnet32"),
-    ("resnet32x4", "resnet8x4"),
-    ("vgg13", "vgg8"),
-]
-
-
 def test_repdistiller_configs_give_its_recipe_and_find_every_feature_point():
     """configs/cifar100.py:METHOD,TEACHER,STUDENT for every method and same-architecture pair:
     valid, the reference's recipe and weights, its teacher's workdir; AB's pre-activations and
@@ -233,7 +222,9 @@ def test_repdistiller_configs_give_its_recipe_and_find_every_feature_point():
     from configs import cifar100
 
     spec = DataSpec(100, (32, 32, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    for teacher, student in SAME_ARCHITECTURE:
+    from experiments.repdistiller_tables import SAME_PAIRS
+
+    for teacher, student in SAME_PAIRS:  # RepDistiller's README, its first table's pairs
         for method in REPDISTILLER_METHODS:
             config = cifar100.get_config(f"{method},{teacher},{student}")
             recipes.validate_config(config)
