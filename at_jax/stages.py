@@ -52,10 +52,6 @@ class TwoStages:
         """Where the first stage runs: ``WORKDIR/init_stage``."""
         return os.path.join(workdir, INIT_DIR)
 
-    def kept_paths(self) -> set[tuple[str, ...]]:
-        """The paths (in the train state's ``params``) of the term modules that the main stage
-        takes over from the first, frozen."""
-        return {("terms", self.term, keep) for keep in self.stage.keeps}
 
 
 def _staged(terms: ActiveTerms) -> list[str]:

@@ -245,3 +245,29 @@ def test_baselines_are_registered_terms_with_the_reference_weights():
     assert objective.needs_teacher(spec)
     with pytest.raises(ValueError, match="has no option"):
         objective.validate_terms({"rkd": {"weight": 1.0, "featur": "x"}})
+
+
+def test_the_first_eight_and_the_attention_maps_have_finite_gradients_on_all_zero_features():
+    """Dead features (all zero, as a ReLU map can be): every square root and norm of SP, CC,
+    RKD (its sqrt(max(d², eps))), PKT, NST, FitNet's hint and the 2017 attention maps
+    (attention.safe_norm) gives finite values and gradients for the student."""
+    from at_jax import losses
+
+    z4, z2 = jnp.zeros((4, 4, 4, 3)), jnp.zeros((4, 8))
+
+    def total(s4, s2):
+        acts = {"group0": s4}
+        return (
+            relational.sp_loss(s4, z4)
+            + relational.cc_loss(s2, z2)
+            + relational.cc_loss(s2, z2, "paper")
+            + relational.rkd_loss(s2, z2)
+            + relational.pkt_loss(s2, z2)
+            + features.nst_loss(s4, z4)
+            + features.hint_loss(s4, z4)
+            + losses.at_losses(acts, {"group0": z4}, "groups")[0]
+        )
+
+    value, grads = jax.value_and_grad(total, argnums=(0, 1))(z4, z2)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
