@@ -53,7 +53,6 @@ class TwoStages:
         return os.path.join(workdir, INIT_DIR)
 
 
-
 def _staged(terms: ActiveTerms) -> list[str]:
     return [n for n in terms if init_stage_of(n) is not None]
 
