@@ -50,7 +50,7 @@ from at_jax.checkpoints import Checkpoints
 from at_jax.data.catalog import dataset_spec
 from at_jax.files import write_json_atomic
 from at_jax.models import from_torchvision, get_model
-from at_jax.models.cifar import REPDISTILLER_MODELS, wrn_keys
+from at_jax.models.cifar import REPDISTILLER_MODELS, reference_layout
 from at_jax.models.vit import VisionTransformer
 from at_jax.models.vit_convert import from_timm
 from at_jax.naming import natural_sorted
@@ -211,9 +211,9 @@ def to_variables(
     known = REPDISTILLER_MODELS if fmt == "repdistiller" else MODELS
     if model_name not in known:
         raise ConversionError(f"--model must be one of {', '.join(known)}, got {model_name!r}")
-    if fmt == "repdistiller" and model_name.startswith("wrn_"):
-        state_dict = wrn_keys(state_dict)
-    head = "classifier.weight" if model_name.startswith("vgg") else "fc.weight"
+    head = "fc.weight"
+    if fmt == "repdistiller":
+        state_dict, head = reference_layout(model_name, state_dict)
     if head not in state_dict:
         raise ConversionError(
             f"the state_dict has no {head}: it is not a {fmt} {model_name} "

@@ -99,7 +99,8 @@ def test_repdistiller_runner_writes_every_cell_beside_the_reference_and_resumes_
     """A tiny grid of RepDistiller's same-architecture table (one pair, KD; tiny models on the
     IDX data): every cell trained with the reference's recipe, the table with the reference
     row and the paired verdict, JSON and figure; stopped in a cell, the same call goes on with
-    it and reuses the finished ones; the cross table is refused while its models are missing."""
+    it and reuses the finished ones; the cross table plans its pairs without FSP, at the small
+    students' lr, beside its reference numbers."""
     import os
     import signal
     import threading
@@ -163,7 +164,10 @@ def test_repdistiller_runner_writes_every_cell_beside_the_reference_and_resumes_
     saved = json.loads((tmp_path / "repdistiller_same_fashion_mnist.json").read_text())
     assert saved["cells"]["wrn_40_2:wrn_16_2"]["kd"]["median"] == row["kd"]["median"]
     assert (tmp_path / "repdistiller_same_fashion_mnist.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="MobileNetV2.*does not have yet"):
-        rt.pairs_of("cross")
+    cross = rt.plan("cross", "cifar100", str(tmp_path), {"seeds": 1}, rt.TABLE_METHODS["cross"])
+    assert len(rt.pairs_of("cross")) == 6 and "fsp" not in {r["column"] for r in cross}
+    shuffle = [r for r in cross if r["row"] == "resnet32x4:ShuffleV1" and r["column"] == "crd"]
+    assert shuffle[0]["config"].optimizer.lr == 0.01 and shuffle[0]["config"].model == "ShuffleV1"
+    assert rt.REFERENCE["cross"][("resnet32x4", "ShuffleV1")]["crd"] == 75.11
     with pytest.raises(ValueError, match="not in the 'same' table"):
         rt.pairs_of("same", "vgg13:resnet8")

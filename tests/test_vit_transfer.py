@@ -155,7 +155,8 @@ def test_evaluation_runs_the_copied_student_with_its_teacher(batch):
     wrong = np.mean(np.argmax(logits, -1) != np.asarray(batch[1])) * 100
     assert result["error"] == pytest.approx(wrong)
     kl = np.mean([np.mean(d) for d in attention_distances(s_acts, t_acts).values()])
-    assert result["attention/mean"] == pytest.approx(kl, rel=1e-5)
+    # (a KL near zero: float32 round-off of its terms is relative to their size, not to it)
+    assert result["attention/mean"] == pytest.approx(kl, rel=1e-4)
     assert len([k for k in result if k.startswith("attention/block")]) == 3
     same = attention_kl(t_acts["block0.attention_logits"], t_acts["block0.attention_logits"])
     np.testing.assert_allclose(same, 0.0, atol=1e-6)

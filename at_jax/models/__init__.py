@@ -2,7 +2,9 @@
 
 Names: ``wrn-D-K`` (any depth D = 6n+4 and integer width K), ``nin-thin``, ``nin-wide``,
 ``resnet-18``, ``resnet-34``, RepDistiller's CIFAR models under its names (``resnet8`` …
-``resnet110``, ``resnet8x4``, ``resnet32x4``, ``vgg8`` … ``vgg19``: :mod:`at_jax.models.cifar`;
+``resnet110``, ``resnet8x4``, ``resnet32x4``, ``ResNet50``, ``vgg8`` … ``vgg19``:
+:mod:`at_jax.models.cifar`; ``MobileNetV2``, ``ShuffleV1``, ``ShuffleV2``:
+:mod:`at_jax.models.cifar_mobile`;
 its ``wrn_40_2`` etc. name our ``wrn-40-2``), and, for fast tests, ``wrn-tiny`` (WRN-10-1)
 and ``resnet-tiny`` (one block per group, widths 8-64, the ResNet layout otherwise) and
 ``nin-tiny`` (the NIN layout, widths 4-8).

@@ -1,5 +1,5 @@
-"""The CIFAR models of RepDistiller's benchmark (``models/resnet.py``, ``models/vgg.py`` at
-b84f547), NHWC, with the reference's module names so that its ``.pth`` state dicts convert by
+"""The CIFAR models of RepDistiller's benchmark (``models/resnet.py``, ``resnetv2.py``,
+``vgg.py`` at b84f547; its MobileNetV2 and ShuffleNets: :mod:`at_jax.models.cifar_mobile`), NHWC, with the reference's module names so that its ``.pth`` state dicts convert by
 name (:func:`at_jax.models.resnet.from_torchvision`'s rule: ``layer1.0.conv1`` →
 ``layer1_0/conv1``).
 
@@ -7,6 +7,7 @@ name (:func:`at_jax.models.resnet.from_torchvision`'s rule: ``layer1.0.conv1`` �
   blocks with 1×1 ``downsample`` convolutions where the shape changes, global
   average pooling, ``fc``. ``resnet8 … resnet110`` (depth 6n+2, widths 16-16-32-64) and
   ``resnet8x4``/``resnet32x4`` (widths 32-64-128-256).
+* :class:`CifarResNetV2`: ``ResNet50`` (bottleneck blocks, four stages, ``shortcut`` projections).
 * :class:`VGG`: five conv blocks (3×3 conv with bias, batch norm, ReLU; the last ReLU of each
   block applied outside it) with 2×2 max-pools between them (the fourth only for 64-pixel
   inputs, as the reference), global average pooling, ``classifier``. ``vgg8/11/13/16/19``.
@@ -20,7 +21,7 @@ Parameter counts (100 classes), equal to the reference modules' (counted from Re
 own modules, and in ``tests/test_cifar_models.py`` from PyTorch modules of its layout): resnet8
 83 892, resnet14 181 108, resnet20 278 324, resnet32 472 756, resnet44 667 188, resnet56
 861 620, resnet110 1 736 564, resnet8x4 1 233 540, resnet32x4 7 433 860; vgg8 3 965 028,
-vgg11 9 277 284, vgg13 9 462 180, vgg16 14 774 436, vgg19 20 086 692 (and at_jax's WRNs the
+vgg11 9 277 284, vgg13 9 462 180, vgg16 14 774 436, vgg19 20 086 692, ResNet50 23 705 252 (and at_jax's WRNs the
 reference's ``wrn_16_1`` 180 916, ``wrn_16_2`` 703 284, ``wrn_40_1`` 569 780, ``wrn_40_2``
 2 255 156).
 """
@@ -34,18 +35,22 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from at_jax.models.cifar_mobile import MOBILE_MODELS, mobilenet_keys
 from at_jax.models.common import batch_norm, conv, dense
 from at_jax.precision import upcast
 
 __all__ = [
     "CifarResNet",
     "CifarBasicBlock",
+    "CifarBottleneck",
+    "CifarResNetV2",
     "VGG",
     "CIFAR_RESNETS",
     "VGG_CONFIGS",
     "REPDISTILLER_MODELS",
     "cifar_models",
     "wrn_keys",
+    "reference_layout",
 ]
 
 # name -> (depth, widths): RepDistiller's models/resnet.py
@@ -74,10 +79,13 @@ class _Residual(nn.Module):
     """The residual block's end: the shortcut and the final ReLU, sowing the pre-activation
     (the residual sum) in the parent under ``preact_name``."""
 
+    shortcut = "downsample"  # the reference's name of the projection shortcut
+
     def finish(self, x, y, features: int, stride: int, train: bool, preact_name: str):
         if stride != 1 or x.shape[-1] != features:
-            x = conv(features, 1, stride, padding=0, name="downsample_0", dtype=self.dtype)(x)
-            x = batch_norm(train, "downsample_1", self.dtype, self.bn_scale_init)(x)
+            name = self.shortcut
+            x = conv(features, 1, stride, padding=0, name=f"{name}_0", dtype=self.dtype)(x)
+            x = batch_norm(train, f"{name}_1", self.dtype, self.bn_scale_init)(x)
         if preact_name and isinstance(self.parent, nn.Module):
             self.parent.sow("intermediates", preact_name, x + y)
         return nn.relu(x + y)
@@ -99,6 +107,62 @@ class CifarBasicBlock(_Residual):
         y = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)))
         y = bn("bn2")(conv(self.planes, 3, 1, name="conv2", dtype=self.dtype)(y))
         return self.finish(x, y, self.planes, self.stride, train, self.preact_name)
+
+
+class CifarBottleneck(_Residual):
+    """``models/resnetv2.py``'s ``Bottleneck``: 1×1, 3×3 (stride), 1×1 to 4× ``planes``, each
+    with BN (ReLU after the first two), + shortcut (``shortcut.0/1`` where shapes change), ReLU."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"
+    preact_name: str = ""
+    expansion = 4
+    shortcut = "shortcut"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: batch_norm(train, name, self.dtype, self.bn_scale_init)  # noqa: E731
+        y = nn.relu(bn("bn1")(conv(self.planes, 1, padding=0, name="conv1", dtype=self.dtype)(x)))
+        y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(y)))
+        out = self.planes * self.expansion
+        y = bn("bn3")(conv(out, 1, padding=0, name="conv3", dtype=self.dtype)(y))
+        return self.finish(x, y, out, self.stride, train, self.preact_name)
+
+
+class CifarResNetV2(nn.Module):
+    """RepDistiller's ``ResNet50`` for CIFAR (``models/resnetv2.py``): a 3×3 stride-1 stem of 64
+    channels (no max-pool), four stages ``layer1..4`` of bottlenecks (``stage_sizes``, widths
+    64-128-256-512 ×4, strides 1-2-2-2), global average pooling, ``linear``. 23 705 252
+    parameters (100 classes)."""
+
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    num_classes: int = 100
+    dtype: Any = jnp.float32
+    bn_scale_init: str = "ones"
+    frozen_batch_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        train = train and not self.frozen_batch_norm
+        x = conv(64, 3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
+        x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
+        self.sow("intermediates", "stem", x)
+        for k, n in enumerate(self.stage_sizes, start=1):
+            for i in range(n):
+                x = CifarBottleneck(
+                    64 * 2 ** (k - 1),
+                    2 if k > 1 and i == 0 else 1,
+                    self.dtype,
+                    self.bn_scale_init,
+                    preact_name=f"layer{k}.preact" if i == n - 1 else "",
+                    name=f"layer{k}_{i}",
+                )(x, train)
+            self.sow("intermediates", f"layer{k}", x)
+        x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)
+        return upcast(dense(self.num_classes, name="linear", dtype=self.dtype)(x))
 
 
 class CifarResNet(nn.Module):
@@ -176,7 +240,16 @@ class VGG(nn.Module):
 
 
 # What `python -m at_jax.convert --repdistiller` takes: the models here and its WRNs
-REPDISTILLER_MODELS = (*CIFAR_RESNETS, *VGG_CONFIGS, "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
+REPDISTILLER_MODELS = (
+    *CIFAR_RESNETS,
+    "ResNet50",
+    *VGG_CONFIGS,
+    *MOBILE_MODELS,
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+)
 _WRN_BLOCK_KEY = re.compile(r"^block(\d+)\.layer\.(\d+)\.(bn1|conv1|bn2|conv2|convShortcut)\.(.+)$")
 _WRN_INNER = {
     "bn1": "bn0",
@@ -205,6 +278,17 @@ def wrn_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def reference_layout(name: str, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A RepDistiller state dict of model ``name`` under the module names here (WRN and
+    MobileNetV2 keys renamed), and the key of its classifier's weight."""
+    if name.startswith("wrn_"):
+        return wrn_keys(state_dict), "fc.weight"
+    if name == "MobileNetV2":
+        return mobilenet_keys(state_dict), "classifier.0.weight"
+    head = "classifier" if name.startswith("vgg") else "fc" if name in CIFAR_RESNETS else "linear"
+    return dict(state_dict), f"{head}.weight"
+
+
 def cifar_models() -> dict[str, Any]:
     """The reference's names → builders of the models here (the registry's entries)."""
     out: dict[str, Any] = {}
@@ -214,4 +298,4 @@ def cifar_models() -> dict[str, Any]:
         )
     for name, config in VGG_CONFIGS.items():
         out[name] = lambda config=config, **kw: VGG(config=config, **kw)
-    return out
+    return {**out, "ResNet50": CifarResNetV2, **MOBILE_MODELS}

@@ -45,8 +45,10 @@ def conv(
     use_bias: bool = False,
     name: str | None = None,
     dtype=jnp.float32,
+    groups: int = 1,
 ) -> nn.Conv:
-    """A square convolution with PyTorch's explicit symmetric padding (default: kernel // 2).
+    """A square convolution with PyTorch's explicit symmetric padding (default: kernel // 2);
+    ``groups`` as PyTorch's (``groups=channels``: depthwise).
 
     Explicit padding (not 'SAME') keeps strided convolutions aligned exactly as in the reference.
     """
@@ -57,6 +59,7 @@ def conv(
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
+        feature_group_count=groups,
         kernel_init=kaiming_normal,
         name=name,
         dtype=dtype,
