@@ -22,8 +22,8 @@ own modules, and in ``tests/test_cifar_models.py`` from PyTorch modules of its l
 83 892, resnet14 181 108, resnet20 278 324, resnet32 472 756, resnet44 667 188, resnet56
 861 620, resnet110 1 736 564, resnet8x4 1 233 540, resnet32x4 7 433 860; vgg8 3 965 028,
 vgg11 9 277 284, vgg13 9 462 180, vgg16 14 774 436, vgg19 20 086 692, ResNet50 23 705 252
-(and at_jax's WRNs the reference's ``wrn_16_1`` 180 916, ``wrn_16_2`` 703 284, ``wrn_40_1`` 569 780, ``wrn_40_2``
-2 255 156).
+(and at_jax's WRNs the reference's ``wrn_16_1`` 180 916, ``wrn_16_2`` 703 284, ``wrn_40_1``
+569 780, ``wrn_40_2`` 2 255 156).
 """
 
 from __future__ import annotations
