@@ -145,24 +145,8 @@ class CifarResNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        train = train and not self.frozen_batch_norm
-        x = conv(64, 3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
-        x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
-        self.sow("intermediates", "stem", x)
-        for k, n in enumerate(self.stage_sizes, start=1):
-            for i in range(n):
-                x = CifarBottleneck(
-                    64 * 2 ** (k - 1),
-                    2 if k > 1 and i == 0 else 1,
-                    self.dtype,
-                    self.bn_scale_init,
-                    preact_name=f"layer{k}.preact" if i == n - 1 else "",
-                    name=f"layer{k}_{i}",
-                )(x, train)
-            self.sow("intermediates", f"layer{k}", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "features", x)
-        return upcast(dense(self.num_classes, name="linear", dtype=self.dtype)(x))
+        stages = [(64 * 2**k, n) for k, n in enumerate(self.stage_sizes)]
+        return _resnet(self, x, train, CifarBottleneck, stages, 64, "linear")
 
 
 class CifarResNet(nn.Module):
@@ -178,27 +162,35 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        train = train and not self.frozen_batch_norm
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, ...), got {self.depth}")
         n = (self.depth - 2) // 6
-        x = conv(self.widths[0], 3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
-        x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
-        self.sow("intermediates", "stem", x)
-        for k, planes in enumerate(self.widths[1:4], start=1):
-            for i in range(n):
-                x = CifarBasicBlock(
-                    planes,
-                    2 if k > 1 and i == 0 else 1,
-                    self.dtype,
-                    self.bn_scale_init,
-                    preact_name=f"layer{k}.preact" if i == n - 1 else "",
-                    name=f"layer{k}_{i}",
-                )(x, train)
-            self.sow("intermediates", f"layer{k}", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "features", x)
-        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
+        stages = [(planes, n) for planes in self.widths[1:4]]
+        return _resnet(self, x, train, CifarBasicBlock, stages, self.widths[0], "fc")
+
+
+def _resnet(net: nn.Module, x, train: bool, block: Any, stages, stem: int, head: str):
+    """The reference ResNets' forward in ``net``'s scope: a 3×3 stem of ``stem`` channels, BN,
+    ReLU; ``stages`` ``(planes, blocks)`` named ``layer{k}_{i}`` (stride 2 opening all but the
+    first), sowing ``stem``, ``layer{k}``, ``layer{k}.preact`` and ``features``; ``head``."""
+    train = train and not net.frozen_batch_norm
+    x = conv(stem, 3, name="conv1", dtype=net.dtype)(x.astype(net.dtype))
+    x = nn.relu(batch_norm(train, "bn1", net.dtype, net.bn_scale_init)(x))
+    net.sow("intermediates", "stem", x)
+    for k, (planes, n) in enumerate(stages, start=1):
+        for i in range(n):
+            x = block(
+                planes,
+                2 if k > 1 and i == 0 else 1,
+                net.dtype,
+                net.bn_scale_init,
+                preact_name=f"layer{k}.preact" if i == n - 1 else "",
+                name=f"layer{k}_{i}",
+            )(x, train)
+        net.sow("intermediates", f"layer{k}", x)
+    x = jnp.mean(x, axis=(1, 2))
+    net.sow("intermediates", "features", x)
+    return upcast(dense(net.num_classes, name=head, dtype=net.dtype)(x))
 
 
 class VGG(nn.Module):
