@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import finetune, losses, objective
+from at_jax.attention import common_size
 from at_jax.attention_copy import NO_COPY, VIT_PAIRS, AttentionCopy, paired_blocks
 from at_jax.data.spec import DataSpec
 from at_jax.models import forward
@@ -97,8 +98,9 @@ class Networks:
             return VIT_PAIRS
         pairs = self.terms.get("at", {}).get("pairs", "groups")
         try:
-            losses.pair_activations(self.student_shapes, self.teacher_shapes, pairs)
-        except ValueError:
+            for s, t in losses.pair_activations(self.student_shapes, self.teacher_shapes, pairs):
+                common_size(self.student_shapes[s].shape, self.teacher_shapes[t].shape)
+        except ValueError:  # no such points, or maps of sizes that cannot be compared
             return None
         return pairs
 

@@ -326,3 +326,20 @@ def _loss_shape(net, t_vars, x):
         return make_stateful_objective(net.terms)(out)[0]
 
     return jax.eval_shape(loss, jax.random.key(0), t_vars).shape
+
+
+def test_the_attention_distance_is_left_out_where_the_maps_cannot_be_compared():
+    """vgg13 → MobileNetV2 at 28×28 (Fashion-MNIST): the last maps are 3×3 and 4×4, so the
+    evaluation's attention distance is left out (a KD cell trains) instead of stopping the run;
+    at 32×32 (4×4 and 2×2) it is measured at the groups."""
+    from at_jax.data import DataSpec
+    from at_jax.networks import Networks
+    from configs import cifar100
+
+    config = cifar100.get_config("kd,vgg13,MobileNetV2")
+    for size, want in ((28, None), (32, "groups")):
+        spec = DataSpec(10, (size, size, 1), (0.5,), (0.25,))
+        t_model = get_model("vgg13", num_classes=10)
+        t_vars = jax.eval_shape(t_model.init, jax.random.key(0), jnp.zeros((1, size, size, 1)))
+        net = Networks.from_config(config, spec, teacher_model=t_model, teacher_variables=t_vars)
+        assert net.attention_pairs() == want, size
