@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from at_jax.models.cifar_mobile import MOBILE_MODELS, mobilenet_keys
 from at_jax.models.common import batch_norm, conv, dense
+from at_jax.models.resnet import residual_stages
 from at_jax.precision import upcast
 
 __all__ = [
@@ -170,27 +171,13 @@ class CifarResNet(nn.Module):
 
 
 def _resnet(net: nn.Module, x, train: bool, block: Any, stages, stem: int, head: str):
-    """The reference ResNets' forward in ``net``'s scope: a 3×3 stem of ``stem`` channels, BN,
-    ReLU; ``stages`` ``(planes, blocks)`` named ``layer{k}_{i}`` (stride 2 opening all but the
-    first), sowing ``stem``, ``layer{k}``, ``layer{k}.preact`` and ``features``; ``head``."""
+    """The reference CIFAR ResNets' forward in ``net``'s scope: a 3×3 stem of ``stem`` channels,
+    BN, ReLU (sown as ``stem``), then :func:`~at_jax.models.resnet.residual_stages`."""
     train = train and not net.frozen_batch_norm
     x = conv(stem, 3, name="conv1", dtype=net.dtype)(x.astype(net.dtype))
     x = nn.relu(batch_norm(train, "bn1", net.dtype, net.bn_scale_init)(x))
     net.sow("intermediates", "stem", x)
-    for k, (planes, n) in enumerate(stages, start=1):
-        for i in range(n):
-            x = block(
-                planes,
-                2 if k > 1 and i == 0 else 1,
-                net.dtype,
-                net.bn_scale_init,
-                preact_name=f"layer{k}.preact" if i == n - 1 else "",
-                name=f"layer{k}_{i}",
-            )(x, train)
-        net.sow("intermediates", f"layer{k}", x)
-    x = jnp.mean(x, axis=(1, 2))
-    net.sow("intermediates", "features", x)
-    return upcast(dense(net.num_classes, name=head, dtype=net.dtype)(x))
+    return residual_stages(net, x, train, block, stages, head)
 
 
 class VGG(nn.Module):

@@ -79,21 +79,29 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, "bn1", self.dtype, self.bn_scale_init)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         self.sow("intermediates", "stem", x)
-        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-            for i in range(size):
-                stride = 2 if stage > 0 and i == 0 else 1
-                x = BasicBlock(
-                    width,
-                    stride,
-                    self.dtype,
-                    self.bn_scale_init,
-                    preact_name=f"layer{stage + 1}.preact" if i == size - 1 else "",
-                    name=f"layer{stage + 1}_{i}",
-                )(x, train)
-            self.sow("intermediates", f"layer{stage + 1}", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "features", x)  # the pooled vector (RepDistiller's feat[-1])
-        return upcast(dense(self.num_classes, name="fc", dtype=self.dtype)(x))
+        stages = list(zip(self.widths, self.stage_sizes, strict=True))
+        return residual_stages(self, x, train, BasicBlock, stages, "fc")
+
+
+def residual_stages(net: nn.Module, x, train: bool, block: Any, stages, head: str):
+    """The ResNets' stages and head in ``net``'s scope, after its stem: ``stages``
+    ``(planes, blocks)`` of ``block`` named ``layer{k}_{i}`` (stride 2 opening all but the
+    first), sowing ``layer{k}``, the last block's ``layer{k}.preact`` and the pooled
+    ``features`` (RepDistiller's ``feat[-1]``); the classifier ``head``."""
+    for k, (planes, n) in enumerate(stages, start=1):
+        for i in range(n):
+            x = block(
+                planes,
+                2 if k > 1 and i == 0 else 1,
+                net.dtype,
+                net.bn_scale_init,
+                preact_name=f"layer{k}.preact" if i == n - 1 else "",
+                name=f"layer{k}_{i}",
+            )(x, train)
+        net.sow("intermediates", f"layer{k}", x)
+    x = jnp.mean(x, axis=(1, 2))
+    net.sow("intermediates", "features", x)
+    return upcast(dense(net.num_classes, name=head, dtype=net.dtype)(x))
 
 
 _BN_FIELDS = {
