@@ -97,12 +97,7 @@ class Networks:
         if "at" not in self.terms and paired_blocks(self.student_shapes, self.teacher_shapes):
             return VIT_PAIRS
         pairs = self.terms.get("at", {}).get("pairs", "groups")
-        try:
-            for s, t in losses.pair_activations(self.student_shapes, self.teacher_shapes, pairs):
-                common_size(self.student_shapes[s].shape, self.teacher_shapes[t].shape)
-        except ValueError:  # no such points, or maps of sizes that cannot be compared
-            return None
-        return pairs
+        return pairs if _comparable(self.student_shapes, self.teacher_shapes, pairs) else None
 
     def init(
         self,
@@ -175,6 +170,17 @@ class Networks:
             **schedule,
         )
         return out, new_stats
+
+
+def _comparable(student_shapes: Any, teacher_shapes: Any, pairs: Any) -> bool:
+    """Whether the transfer points ``pairs`` exist in both networks with maps of comparable
+    sizes."""
+    try:
+        for s, t in losses.pair_activations(student_shapes, teacher_shapes, pairs):
+            common_size(student_shapes[s].shape, teacher_shapes[t].shape)
+    except ValueError:  # no such points, or maps of sizes that cannot be compared
+        return False
+    return True
 
 
 def dummy_input(spec: DataSpec, dtype: Any) -> jax.Array:
