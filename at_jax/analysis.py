@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax.attention import attention_map, common_size, safe_norm
+from at_jax.attention import (
+    attention_map,
+    channels_last,
+    common_size,
+    pool_to_smaller,
+    safe_norm,
+)
 from at_jax.losses import Pairs, pair_activations
 from at_jax.models import forward
 from at_jax.preprocess import normalize
@@ -80,14 +86,21 @@ def pair_distances(
     p: float = 2.0,
     reduce: str = "mean",
     channel_axis: int = -1,
+    pool: str = "map",
 ) -> dict[str, jax.Array]:
     """Per example, ``|| Q_S/||Q_S|| - Q_T/||Q_T|| ||_2`` for each paired transfer point, keyed
-    ``"student<-teacher"`` (the larger map average-pooled to the smaller where they differ)."""
+    ``"student<-teacher"`` (maps of two sizes made comparable as ``pool`` says, see
+    :func:`at_jax.losses.at_loss`: the larger map pooled by an integer factor, or the larger
+    activation adaptively)."""
     out = {}
     for s, t in pair_activations(student_acts, teacher_acts, pairs):
-        size = common_size(student_acts[s].shape, teacher_acts[t].shape, channel_axis)
-        q_s = attention_map(student_acts[s], p, reduce, size=size, channel_axis=channel_axis)
-        q_t = attention_map(teacher_acts[t], p, reduce, size=size, channel_axis=channel_axis)
+        a_s, a_t, axis, size = student_acts[s], teacher_acts[t], channel_axis, None
+        if pool == "activation":
+            a_s, a_t = pool_to_smaller(channels_last(a_s, axis), channels_last(a_t, axis))
+            axis = -1
+        else:
+            size = common_size(a_s.shape, a_t.shape, axis)
+        q_s, q_t = (attention_map(a, p, reduce, size=size, channel_axis=axis) for a in (a_s, a_t))
         out[f"{s}<-{t}"] = safe_norm(q_s - q_t, 2, axis=-1)
     return out
 
@@ -105,6 +118,7 @@ def attention_distance(
     *,
     preprocess: Preprocess = None,
     channel_axis: int = -1,
+    pool: str = "map",
 ) -> dict[str, float]:
     """Mean l2 distance between the normalised attention maps of a student and its teacher.
 
@@ -123,6 +137,7 @@ def attention_distance(
         transfer points), as :func:`at_jax.losses.pair_activations`; an unknown name raises
         with both models' names.
       p, reduce, channel_axis: the attention maps (:func:`at_jax.attention.attention_map`).
+      pool: how maps of two sizes are compared, as :func:`at_jax.losses.at_loss`'s.
 
     Returns:
       ``{"student<-teacher": distance}`` per pair and their average as ``"mean"``. Training runs
@@ -151,7 +166,7 @@ def attention_distance(
     def batch_sums(x: jax.Array) -> dict[str, jax.Array]:
         _, s_acts = student_fn(model_input("student", x))
         _, t_acts = teacher_fn(model_input("teacher", x))
-        distances = pair_distances(s_acts, t_acts, pairs, p, reduce, channel_axis)
+        distances = pair_distances(s_acts, t_acts, pairs, p, reduce, channel_axis, pool)
         return {k: jnp.sum(v) for k, v in distances.items()}
 
     totals: Optional[dict] = None

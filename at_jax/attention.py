@@ -32,10 +32,12 @@ plausible number.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from at_jax.precision import upcast
 
@@ -47,6 +49,9 @@ __all__ = [
     "check_feature_maps",
     "pool_map",
     "common_size",
+    "adaptive_avg_pool",
+    "pool_to_smaller",
+    "POOLS",
     "EPSILON",
     "REDUCTIONS",
     "NORMALIZATIONS",
@@ -55,6 +60,10 @@ __all__ = [
 EPSILON = 1e-12
 REDUCTIONS = ("sum", "mean", "max")
 NORMALIZATIONS = ("l2", "l1", None)
+# where maps of two sizes are made comparable (at_jax.losses.at_loss's ``pool``): "map", the
+# map average-pooled by an integer factor; "activation", RepDistiller's adaptive average pooling
+# of the larger activation before the map, at any ratio
+POOLS = ("map", "activation")
 
 
 def _check_options(p: float, reduce: str, normalize: Optional[str]) -> None:
@@ -172,7 +181,9 @@ def common_size(a_shape: tuple, b_shape: tuple, channel_axis: int = -1) -> tuple
             f"cannot compare feature maps of shapes {tuple(a_shape)} and {tuple(b_shape)} with "
             f"channel_axis={channel_axis}: their spatial sizes {a_hw} and {b_hw} are not the "
             "same integer multiple of each other in height and width. Check the layout (NCHW "
-            "arrays need channel_axis=1) and that the two points are at comparable depths."
+            "arrays need channel_axis=1) and that the two points are at comparable depths; to "
+            "compare them at any ratio as RepDistiller does, pool the activations adaptively "
+            "(at_loss(..., pool='activation'); in a config, loss.at.pool = 'activation')."
         )
     return small
 
@@ -192,6 +203,41 @@ def pool_map(m: jax.Array, size: tuple[int, int]) -> jax.Array:
             "in height and width"
         )
     return m.reshape(b, th, h // th, tw, w // tw).mean(axis=(2, 4))
+
+
+def _bins(n_in: int, n_out: int) -> jax.Array:
+    """(n_out, n_in) averaging weights of PyTorch's adaptive pooling: output ``i`` is the mean of
+    inputs ``floor(i·n_in/n_out) .. ceil((i+1)·n_in/n_out) − 1`` (bins overlap when the sizes
+    do not divide)."""
+    i = np.arange(n_out)
+    start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    j = np.arange(n_in)
+    inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
+    return jnp.asarray(inside / (end - start)[:, None], jnp.float32)
+
+
+def adaptive_avg_pool(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """PyTorch's ``F.adaptive_avg_pool2d`` of NHWC ``x`` (B, H, W, C) to ``size`` (h, w): any
+    ratio, each output the mean of its bin (see :func:`_bins`); for sizes that divide, the
+    plain average pooling. Float32 at least."""
+    h, w = x.shape[1:3]
+    if (h, w) == tuple(size):
+        return x
+    if not (0 < size[0] <= h and 0 < size[1] <= w):
+        raise ValueError(f"adaptive_avg_pool pools a {h}x{w} map down, not to {size}")
+    rows, cols = _bins(h, int(size[0])), _bins(w, int(size[1]))
+    return jnp.einsum("ih,bhwc,jw->bijc", rows, upcast(x), cols)
+
+
+def pool_to_smaller(f_s: jax.Array, f_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """RepDistiller's rule for two NHWC activations of different sizes: the larger one
+    adaptively average-pooled (:func:`adaptive_avg_pool`) to the other's size. The reference
+    pools the map of the larger height to the other's (H, H); for maps that are not square,
+    each of height and width goes to the smaller of the two."""
+    for f in (f_s, f_t):
+        check_feature_maps(f.shape, warn=False)
+    size = (min(f_s.shape[1], f_t.shape[1]), min(f_s.shape[2], f_t.shape[2]))
+    return adaptive_avg_pool(f_s, size), adaptive_avg_pool(f_t, size)
 
 
 def attention_map(

@@ -37,6 +37,7 @@ def make_eval_fn(
     pairs: Any = None,
     seed_strategy: str = "vmap",
     copy: AttentionCopy = NO_COPY,
+    pool: str = "map",
 ) -> Callable:
     """``jit((variables, batch, teacher_variables) -> sums)`` in eval mode.
 
@@ -45,10 +46,11 @@ def make_eval_fn(
     distance to the teacher per pair (``attention/<student><-<teacher>``, see
     :func:`at_jax.analysis.pair_distances`; for ``pairs`` =
     :data:`~at_jax.attention_copy.VIT_PAIRS`, two ViTs' attention KL per block,
-    :func:`~at_jax.attention_copy.attention_distances`). With ``copy`` on, the student runs with
-    the teacher's attention, as it trained. With ``seeds`` (their number), ``variables`` have
-    a leading seed axis and every sum has one too; ``seed_strategy`` "vmap" or "unroll" as the
-    train step's (:meth:`at_jax.step.Step.seed_strategy`)."""
+    :func:`~at_jax.attention_copy.attention_distances`; ``pool`` as the AT term's). With
+    ``copy`` on, the student runs with the teacher's attention, as it trained. With ``seeds``
+    (their number), ``variables`` have a leading seed axis and every sum has one too;
+    ``seed_strategy`` "vmap" or "unroll" as the train step's
+    (:meth:`at_jax.step.Step.seed_strategy`)."""
 
     def single(variables, batch, teacher_variables):
         x = normalize(batch["image"], mean, std, dtype)
@@ -64,7 +66,7 @@ def make_eval_fn(
         if pairs == VIT_PAIRS:
             distances = attention_distances(s_acts, t_acts)
         else:
-            distances = pair_distances(s_acts, t_acts, pairs)
+            distances = pair_distances(s_acts, t_acts, pairs, pool=pool)
         for name, dist in distances.items():
             out[f"attention/{name}"] = jnp.sum(dist * mask)
         return out
@@ -120,4 +122,5 @@ def student_eval_fn(step: Any) -> Callable:
         pairs=step.attention_pairs(),
         seed_strategy=step.seed_strategy(),
         copy=step.networks.copy,
+        pool=step.networks.pool,
     )

@@ -22,7 +22,8 @@ any of them gives no gradient to the teacher, whatever your code differentiates.
 Activations are NHWC by default; ``channel_axis=1`` takes NCHW (PyTorch's layout) and gives the
 same numbers. Feature maps of different resolutions are compared after average-pooling the larger
 to the smaller, which must be the same integer multiple of it in height and width (else a
-``ValueError`` names both shapes). Activations are paired by name with
+``ValueError`` names both shapes); ``at_loss(pool="activation")`` pools the larger activation
+adaptively at any ratio, as RepDistiller. Activations are paired by name with
 :func:`pair_activations`. The objective that the CLI trains, a weighted sum of named terms
 built on these functions, is :mod:`at_jax.objective`.
 """
@@ -38,11 +39,13 @@ import jax.numpy as jnp
 import optax
 
 from at_jax.attention import (
+    POOLS,
     attention_map,
     channels_last,
     common_size,
     normalize_rows,
     pool_map,
+    pool_to_smaller,
     safe_norm,
 )
 from at_jax.naming import natural_key, natural_sorted, unknown_names_message
@@ -83,6 +86,7 @@ def at_loss(
     normalize: Optional[str] = "l2",
     *,
     channel_axis: int = -1,
+    pool: str = "map",
 ) -> jax.Array:
     """Attention-transfer loss between one pair of activations (paper eq. 2).
 
@@ -97,26 +101,37 @@ def at_loss(
         eq. 2's per-sample l2 norm of the difference, averaged over the batch (eq. 2 weights it
         β/2).
       channel_axis: the channel axis of both arrays.
+      pool: where maps of two sizes are made comparable: "map" (the default) average-pools
+        the larger *map* by an integer factor and refuses other ratios (a wrong layout fails
+        loudly); "activation" is RepDistiller's ``Attention.at_loss``: the *activation* of the
+        larger height adaptive-average-pooled (PyTorch's ``adaptive_avg_pool2d``, any ratio) to
+        the other's size before its map (:func:`at_jax.attention.pool_to_smaller`). The two
+        agree where the sizes are equal (every pair of the 2017 paper).
 
     Returns:
       A float32 scalar. No gradient reaches ``teacher_act``.
     """
     if mode not in AT_MODES:
         raise ValueError(f"at_loss mode must be one of {AT_MODES}, got {mode!r}")
+    if pool not in POOLS:
+        raise ValueError(f"at_loss pool must be one of {POOLS}, got {pool!r}")
     if student_act.shape[0] != teacher_act.shape[0]:
         raise ValueError(
             f"student and teacher batch sizes differ: {tuple(student_act.shape)} "
             f"vs {tuple(teacher_act.shape)}"
         )
-    size = common_size(student_act.shape, teacher_act.shape, channel_axis)
-    qs = attention_map(student_act, p, reduce, normalize, size=size, channel_axis=channel_axis)
-    qt = attention_map(
-        jax.lax.stop_gradient(teacher_act),
-        p,
-        reduce,
-        normalize,
-        size=size,
-        channel_axis=channel_axis,
+    teacher_act = jax.lax.stop_gradient(teacher_act)
+    size = None
+    if pool == "activation":
+        student_act, teacher_act = pool_to_smaller(
+            channels_last(student_act, channel_axis), channels_last(teacher_act, channel_axis)
+        )
+        channel_axis = -1
+    else:
+        size = common_size(student_act.shape, teacher_act.shape, channel_axis)
+    qs, qt = (
+        attention_map(a, p, reduce, normalize, size=size, channel_axis=channel_axis)
+        for a in (student_act, teacher_act)
     )
     diff = qs - qt
     if mode == "code":
@@ -139,6 +154,7 @@ def at_losses(
     mode: str = "code",
     normalize: Optional[str] = "l2",
     channel_axis: int = -1,
+    pool: str = "map",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`at_loss` over several transfer points: ``(total, per_pair)``.
 
@@ -148,7 +164,7 @@ def at_losses(
       pairs: ``[(student_name, teacher_name), ...]``, names present in both (``["layer3",
         "layer4"]``), ``"s:t"`` strings, a comma-separated string of those, or ``"groups"`` /
         ``"blocks"`` (see :func:`pair_activations`).
-      p, reduce, mode, normalize, channel_axis: as :func:`at_loss`.
+      p, reduce, mode, normalize, channel_axis, pool: as :func:`at_loss`.
 
     Returns:
       ``total``, the unweighted sum over pairs (the reference code's ``sum(at_losses)``; multiply
@@ -161,7 +177,14 @@ def at_losses(
     """
     per_pair = {
         pair_name(s, t): at_loss(
-            student_acts[s], teacher_acts[t], p, reduce, mode, normalize, channel_axis=channel_axis
+            student_acts[s],
+            teacher_acts[t],
+            p,
+            reduce,
+            mode,
+            normalize,
+            channel_axis=channel_axis,
+            pool=pool,
         )
         for s, t in pair_activations(student_acts, teacher_acts, pairs)
     }

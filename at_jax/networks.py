@@ -54,6 +54,7 @@ class Networks:
             )
         self.model, self.spec, self.terms, self.dtype, self.copy = model, spec, terms, dtype, copy
         self.bn_mode, self.teacher_model = bn_mode, teacher_model
+        self.pool = terms.get("at", {}).get("pool", "map")  # how maps of two sizes compare
         dummy = dummy_input(self.spec, self.dtype)
         # the student's variables as shapes ({"params", "batch_stats"})
         self.variable_shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
@@ -88,16 +89,16 @@ class Networks:
         )
 
     def attention_pairs(self) -> Optional[Any]:
-        """The transfer points at which to measure the attention distance to the teacher: the
-        AT term's pairs when it is on; else, for two ViTs, their self-attention
-        (:data:`~at_jax.attention_copy.VIT_PAIRS`); else ``"groups"``. None without a teacher
-        or when the two networks cannot be paired (their group counts differ)."""
+        """Where to measure the attention distance to the teacher: the AT term's pairs when on;
+        for two ViTs, their self-attention (:data:`~at_jax.attention_copy.VIT_PAIRS`); else
+        ``"groups"``. None without a teacher or when the networks cannot be paired."""
         if self.teacher_model is None:
             return None
         if "at" not in self.terms and paired_blocks(self.student_shapes, self.teacher_shapes):
             return VIT_PAIRS
         pairs = self.terms.get("at", {}).get("pairs", "groups")
-        return pairs if _comparable(self.student_shapes, self.teacher_shapes, pairs) else None
+        ok = _comparable(self.student_shapes, self.teacher_shapes, pairs, self.pool)
+        return pairs if ok else None
 
     def init(
         self,
@@ -172,12 +173,13 @@ class Networks:
         return out, new_stats
 
 
-def _comparable(student_shapes: Any, teacher_shapes: Any, pairs: Any) -> bool:
+def _comparable(student_shapes: Any, teacher_shapes: Any, pairs: Any, pool: str) -> bool:
     """Whether the transfer points ``pairs`` exist in both networks with maps of comparable
-    sizes."""
+    sizes (any sizes with ``pool="activation"``)."""
     try:
         for s, t in losses.pair_activations(student_shapes, teacher_shapes, pairs):
-            common_size(student_shapes[s].shape, teacher_shapes[t].shape)
+            if pool == "map":
+                common_size(student_shapes[s].shape, teacher_shapes[t].shape)
     except ValueError:  # no such points, or maps of sizes that cannot be compared
         return False
     return True

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import gradient, losses, vit_losses
+from at_jax.attention import POOLS, common_size
 from at_jax.distill import (
     stage_terms as _stage_terms,  # noqa: F401  (registers ab/fsp/ft/crd)
     terms as _distill_terms,  # noqa: F401  (registers the baselines' terms)
@@ -260,11 +261,18 @@ def kd_term(
     )
 
 
-def _check_pairs(student_acts, teacher_acts, pairs: losses.Pairs = "groups", **_: Any) -> None:
-    losses.pair_activations(student_acts, teacher_acts, pairs)
+def _check_at(
+    student_acts, teacher_acts, pairs: losses.Pairs = "groups", pool: str = "map", **_: Any
+) -> None:
+    """The AT term's points exist and, with ``pool="map"``, have maps of comparable sizes."""
+    if pool not in POOLS:
+        raise ValueError(f"loss.at.pool must be one of {POOLS}, got {pool!r}")
+    for s, t in losses.pair_activations(student_acts, teacher_acts, pairs):
+        if pool == "map":
+            common_size(student_acts[s].shape, teacher_acts[t].shape)
 
 
-@register_term("at", needs_teacher=True, check=_check_pairs)
+@register_term("at", needs_teacher=True, check=_check_at)
 def at_term(
     out: StepOutputs,
     p: float = 2.0,
@@ -272,8 +280,10 @@ def at_term(
     mode: str = "code",
     normalize: Optional[str] = "l2",
     pairs: losses.Pairs = "groups",
+    pool: str = "map",
 ) -> jax.Array:
-    """The total of :func:`at_jax.losses.at_losses` (the reference's ``sum(at_losses)``)."""
+    """The total of :func:`at_jax.losses.at_losses` (the reference's ``sum(at_losses)``);
+    ``pool="activation"``: RepDistiller's adaptive pooling of maps of other sizes."""
     out.require_teacher("at")
     return losses.at_losses(
         out.student_acts,
@@ -283,6 +293,7 @@ def at_term(
         reduce=reduce,
         mode=mode,
         normalize=normalize,
+        pool=pool,
     )[0]
 
 

@@ -74,6 +74,8 @@ def test_bad_attention_options_are_explained(acts):
         attention_map(nhwc(x), normalize="l3")
     with pytest.raises(ValueError, match="mode must be one of"):
         at_loss(nhwc(x), nhwc(t), mode="fancy")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        at_loss(nhwc(x), nhwc(t), pool="bilinear")
     with pytest.raises(ValueError, match="NHWC"):
         attention_map(jnp.ones((2, 3, 4)))
 

@@ -328,18 +328,27 @@ def _loss_shape(net, t_vars, x):
     return jax.eval_shape(loss, jax.random.key(0), t_vars).shape
 
 
-def test_the_attention_distance_is_left_out_where_the_maps_cannot_be_compared():
-    """vgg13 → MobileNetV2 at 28×28 (Fashion-MNIST): the last maps are 3×3 and 4×4, so the
-    evaluation's attention distance is left out (a KD cell trains) instead of stopping the run;
-    at 32×32 (4×4 and 2×2) it is measured at the groups."""
+def test_maps_of_any_ratio_are_compared_as_repdistiller_and_otherwise_left_out():
+    """vgg13 → MobileNetV2 at 28×28 (Fashion-MNIST): the last maps are 3×3 and 4×4. The
+    benchmark's AT pools the larger activation adaptively (RepDistiller's ``at_loss``): its cell
+    trains and its evaluation measures the distance at the groups. A KD cell (maps compared by
+    an integer factor) leaves the evaluation's attention distance out instead of stopping the
+    run; at 32×32 (4×4 and 2×2) it is measured."""
     from at_jax.data import DataSpec
     from at_jax.networks import Networks
     from configs import cifar100
 
-    config = cifar100.get_config("kd,vgg13,MobileNetV2")
-    for size, want in ((28, None), (32, "groups")):
+    cases = (("kd", 28, None), ("kd", 32, "groups"), ("at", 28, "groups"))
+    for method, size, want in cases:
+        config = cifar100.get_config(f"{method},vgg13,MobileNetV2")
         spec = DataSpec(10, (size, size, 1), (0.5,), (0.25,))
         t_model = get_model("vgg13", num_classes=10)
-        t_vars = jax.eval_shape(t_model.init, jax.random.key(0), jnp.zeros((1, size, size, 1)))
+        x = jnp.zeros((2, size, size, 1))
+        t_vars = jax.eval_shape(t_model.init, jax.random.key(0), x)
         net = Networks.from_config(config, spec, teacher_model=t_model, teacher_variables=t_vars)
-        assert net.attention_pairs() == want, size
+        assert net.attention_pairs() == want, (method, size)
+        if method == "at":
+            assert net.pool == "activation" and _loss_shape(net, t_vars, x) == ()
+    config.loss.at.pool = "map"  # the strict form refuses the pair with what to do
+    with pytest.raises(ValueError, match=r"\(4, 4\) and \(3, 3\).*pool=.activation."):
+        Networks.from_config(config, spec, teacher_model=t_model, teacher_variables=t_vars)

@@ -158,11 +158,39 @@ def test_pkt_is_the_authors_cosine_kernel_kl():
 def test_nst_pools_the_larger_map_and_is_the_references_mmd():
     check(features.nst_loss, torch_nst, rand(3, 4, 4, 3), rand(3, 4, 4, 5, seed=1))
     check(features.nst_loss, torch_nst, rand(3, 8, 8, 3), rand(3, 4, 4, 2, seed=1))
+    # any ratio, as adaptive_avg_pool2d: 7x7 -> 4x4 (overlapping bins), 3x3 <- 4x4
+    check(features.nst_loss, torch_nst, rand(3, 7, 7, 3), rand(3, 4, 4, 2, seed=1))
+    check(features.nst_loss, torch_nst, rand(3, 3, 3, 3), rand(3, 4, 4, 2, seed=1))
     nchw_value = features.nst_loss(
         jnp.moveaxis(rand(3, 4, 4, 3), -1, 1), jnp.moveaxis(rand(3, 4, 4, 5, seed=1), -1, 1), 1
     )
     nhwc_value = features.nst_loss(jnp.asarray(rand(3, 4, 4, 3)), rand(3, 4, 4, 5, seed=1))
     np.testing.assert_allclose(float(nchw_value), float(nhwc_value), rtol=1e-6)
+
+
+def torch_at(f_s, f_t, p=2):  # distiller_zoo/AT.py: Attention.at_loss
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+
+    def at(f):
+        return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
+
+    return (at(f_s) - at(f_t)).pow(2).mean()
+
+
+@pytest.mark.parametrize("s_hw,t_hw", [(4, 4), (8, 4), (7, 4), (3, 4), (4, 2)])
+def test_at_loss_with_activation_pooling_is_repdistillers_at(s_hw, t_hw):
+    """``pool="activation"``: the larger activation adaptive-average-pooled before its map, at
+    any ratio (vgg13 -> MobileNetV2 at 28x28 pairs 3x3 with 4x4)."""
+    from at_jax.losses import at_loss
+
+    def ours(a, b):
+        return at_loss(a, b, pool="activation")
+
+    check(ours, torch_at, rand(2, s_hw, s_hw, 3), rand(2, t_hw, t_hw, 5, seed=1))
 
 
 @pytest.mark.parametrize("temperature,labels", [(4.0, [0, 3, 2, 1]), (1.0, [4, 4, 0, 1])])

@@ -107,6 +107,7 @@ def test_fsp_matrices_and_loss_are_the_references():
 def test_factor_loss_paraphraser_and_translator_are_the_references():
     check(stagewise.factor_loss, torch_factor_loss, rand(2, 8, 8, 3), rand(2, 4, 4, 5, seed=1))
     check(stagewise.factor_loss, torch_factor_loss, rand(2, 4, 4, 3), rand(2, 8, 8, 5, seed=1))
+    check(stagewise.factor_loss, torch_factor_loss, rand(2, 5, 5, 3), rand(2, 3, 3, 5, seed=1))
     f_t = rand(2, 4, 4, 6, seed=3)
     para = stagewise.Paraphraser(6)
     p = para.init(jax.random.key(0), jnp.asarray(f_t))["params"]

@@ -10,14 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from at_jax.attention import channels_last
+from at_jax.attention import channels_last, pool_to_smaller
 from at_jax.distill.relational import normalize_rows
 from at_jax.precision import upcast
 
 __all__ = [
     "hint_loss",
     "ConvRegressor",
-    "match_spatial",
     "nst_loss",
     "VIDRegressor",
     "vid_loss",
@@ -90,24 +89,6 @@ class ConvRegressor(nn.Module):
         return nn.relu(x) if self.relu else x
 
 
-def match_spatial(f_s: jax.Array, f_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The larger of two NHWC maps average-pooled to the other's size (the reference's
-    ``adaptive_avg_pool2d``, for sizes that divide each other)."""
-
-    def pool(f, size):
-        h, w = f.shape[1:3]
-        if h % size[0] or w % size[1]:
-            raise ValueError(f"cannot pool a {h}×{w} map to {size[0]}×{size[1]}: not a multiple")
-        kh, kw = h // size[0], w // size[1]
-        return f.reshape(f.shape[0], size[0], kh, size[1], kw, f.shape[-1]).mean(axis=(2, 4))
-
-    if f_s.shape[1] > f_t.shape[1]:
-        return pool(f_s, f_t.shape[1:3]), f_t
-    if f_s.shape[1] < f_t.shape[1]:
-        return f_s, pool(f_t, f_s.shape[1:3])
-    return f_s, f_t
-
-
 def _poly_kernel(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("nil,njl->nij", b, a) ** 2
 
@@ -117,7 +98,7 @@ def nst_loss(f_s: jax.Array, f_t: jax.Array, channel_axis: int = -1) -> jax.Arra
     l2-normalised, then the MMD with the polynomial kernel ``k(a, b) = (aᵀb)²`` between the two
     sets of channels: ``mean k(t, t) + mean k(s, s) − 2 mean k(s, t)`` (the reference's
     ``full_loss``). Maps of different sizes are pooled to the smaller."""
-    f_s, f_t = match_spatial(
+    f_s, f_t = pool_to_smaller(
         upcast(channels_last(f_s, channel_axis)), upcast(channels_last(f_t, channel_axis))
     )
 

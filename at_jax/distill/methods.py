@@ -76,12 +76,13 @@ REPDISTILLER_RECIPE: dict[str, Any] = {
 }
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 # the methods of the reference's run_cifar_distill.sh besides the baselines: KD (-r 0.1 -a 0.9,
-# i.e. 0.1·CE + 0.9·KL·T²) and AT (β 1000 on every group)
+# i.e. 0.1·CE + 0.9·KL·T²) and AT (β 1000 on every group; maps of other sizes compared as its
+# Attention.at_loss: the larger activation adaptive-average-pooled)
 REPDISTILLER_METHODS: dict[str, dict[str, Any]] = {
     "teacher": {},
     "student": {},
     "kd": {"loss.ce.weight": 0.0, "loss.kd.weight": 1.0, "loss.kd.alpha": 0.9},
-    "at": {"loss.at.weight": 1000.0},
+    "at": {"loss.at.weight": 1000.0, "loss.at.pool": "activation"},
     **BASELINE_METHODS,
 }
 

@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from at_jax.distill.features import BatchStatsNorm, ConvRegressor, match_spatial
+from at_jax.attention import pool_to_smaller
+from at_jax.distill.features import BatchStatsNorm, ConvRegressor
 from at_jax.distill.relational import normalize_rows
 from at_jax.precision import upcast
 
@@ -98,7 +99,7 @@ def fsp_matrices(maps: Sequence[jax.Array]) -> list[jax.Array]:
     (B, n, m), the later map's channels first as the reference."""
     out = []
     for bottom, top in itertools.pairwise(maps):
-        bottom, top = match_spatial(upcast(bottom), upcast(top))
+        bottom, top = pool_to_smaller(upcast(bottom), upcast(top))
         hw = bottom.shape[1] * bottom.shape[2]
         out.append(jnp.einsum("bhwi,bhwj->bji", bottom, top) / hw)
     return out
@@ -136,7 +137,7 @@ def factor_loss(f_s: jax.Array, f_t: jax.Array, p1: float = 2.0, p2: float = 1.0
     """FT's loss between the translator's factor map ``f_s`` and the paraphraser's ``f_t`` (the
     larger pooled to the smaller): ``mean |factor(s) − factor(t)|`` for ``p2 = 1`` (the
     reference), else ``mean (factor(s) − factor(t))^p2``."""
-    f_s, f_t = match_spatial(f_s, jax.lax.stop_gradient(f_t))
+    f_s, f_t = pool_to_smaller(f_s, jax.lax.stop_gradient(f_t))
     d = factor(f_s, p1) - factor(f_t, p1)
     return jnp.mean(jnp.abs(d)) if p2 == 1 else jnp.mean(d**p2)
 

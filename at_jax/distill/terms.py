@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import losses
+from at_jax.attention import pool_to_smaller
 from at_jax.distill import features, logits, relational
 from at_jax.terms import StepOutputs, register_term
 
@@ -184,7 +185,7 @@ class VIDRegressors(nn.Module):
     def __call__(self, student_acts, teacher_acts) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
         result = []
         for i, (s, t, c) in enumerate(self.pairs):
-            f_s, f_t = features.match_spatial(student_acts[s], teacher_acts[t])
+            f_s, f_t = pool_to_smaller(student_acts[s], teacher_acts[t])
             mean, var = features.VIDRegressor(c, c, self.init_pred_var, name=f"pair{i}")(f_s)
             result.append((mean, var, f_t))
         return result
