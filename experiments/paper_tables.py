@@ -11,7 +11,8 @@ Tables: 1 (activation-based AT vs F-ActT, KD, AT+KD; ``--pair`` picks the teache
 ``cifar10`` and ``fashion_mnist``). Datasets: ``cifar10``, ``cifar100``, ``fashion_mnist``.
 
 Runs go to ``ROOT/DATASET/...``; finished ones are reused, unfinished ones resume, so the command
-can be interrupted and rerun. ``--teacher_epochs``/``--student_epochs``/``--train_size``/
+can be interrupted and rerun; a cell whose loss becomes NaN is shown as "diverged" and the
+grid goes on (``experiments.grid``). ``--teacher_epochs``/``--student_epochs``/``--train_size``/
 ``--test_size`` shorten the runs (the lr drops then come at the same fractions of training as the
 reference's 60/120/160 of 200). Outputs: ``ROOT/tableT_DATASET.md`` and ``.json`` (per cell: the
 median over seeds of the final test error, min–max, the paper's number) and
@@ -36,6 +37,7 @@ from at_jax.errors import one_line_errors
 from at_jax.files import read_jsonl, write_json_atomic
 from at_jax.runs import CheckpointError
 from configs import cifar10, cifar100, fashion_mnist, table3
+from experiments import grid
 
 DATASET_CONFIGS = {"cifar10": cifar10, "cifar100": cifar100, "fashion_mnist": fashion_mnist}
 
@@ -227,29 +229,27 @@ def plan(table: int, dataset: str, root: str, options: dict, pairs=None) -> list
     return runs
 
 
-def run_all(runs: list[dict], progress: bool = True) -> list[dict]:
-    """Train (or reuse) every run in order, saying which one of how many is going."""
-    for i, run in enumerate(runs, 1):
-        config = run["config"]
-        print(
-            f"\n[{i}/{len(runs)}] {run['row']} {run['column']}: {config.model}, "
-            f"{config.num_seeds} seed(s), {config.num_epochs} epochs -> {run['workdir']}",
-            flush=True,
-        )
-        run["results"] = train.train_and_evaluate(config, run["workdir"], progress=progress)
-    return runs
-
-
 def _per_seed(results: dict) -> list[float]:
     return results.get("final_test_error_per_seed", [results["final_test_error"]])
 
 
 def summarise(table: int, dataset: str, runs: list[dict]) -> dict:
-    """Per row and column: median over seeds, min, max, the paper's number, the workdir."""
+    """Per row and column: median over seeds, min, max, the paper's number, the workdir (a
+    diverged cell: its message, and None for the numbers)."""
     cells: dict = {}
     for run in runs:
-        errors = _per_seed(run["results"])
         reference = PAPER[table].get(run["row"], {}).get(run["column"])
+        if grid.diverged(run["results"]):
+            cells.setdefault(run["row"], {})[run["column"]] = {
+                **dict.fromkeys(("median", "min", "max", "epochs", "attention_distance")),
+                grid.DIVERGED: run["results"][grid.DIVERGED],
+                "seeds": [],
+                "paper": reference if dataset == "cifar10" else None,
+                "paper_cifar10": reference,
+                "workdir": run["workdir"],
+            }
+            continue
+        errors = _per_seed(run["results"])
         cells.setdefault(run["row"], {})[run["column"]] = {
             "median": float(np.median(errors)),
             "min": float(np.min(errors)),
@@ -292,6 +292,9 @@ def markdown(table: int, dataset: str, cells: dict, command: str) -> str:
         for name in names:
             c = columns[name]
             paper = f" [{c['paper']:.2f}]" if c["paper"] is not None else ""
+            if c["median"] is None:
+                shown.append(f"diverged{paper}")
+                continue
             spread = f" ({c['min']:.2f}–{c['max']:.2f})" if len(c["seeds"]) > 1 else ""
             shown.append(f"{c['median']:.2f}{spread}{paper}")
         lines.append(
@@ -307,7 +310,7 @@ def markdown(table: int, dataset: str, cells: dict, command: str) -> str:
             lines.append("| the paper, CIFAR-10 (reference) | " + " | ".join(reference) + " |")
         lines.append("")
         seeds = max(len(c["seeds"]) for c in columns.values())
-        epochs = sorted({c["epochs"] for c in columns.values()})
+        epochs = sorted({c["epochs"] for c in columns.values() if c["epochs"] is not None})
         lines += [f"{seeds} seed(s); epochs: {', '.join(map(str, epochs))}.", ""]
     return "\n".join(lines)
 
@@ -355,7 +358,7 @@ def make_table(
     progress: bool = True,
 ) -> dict:
     """Train what the table needs and write its markdown, JSON and curves; returns the cells."""
-    runs = run_all(plan(table, dataset, root, options, pairs), progress)
+    runs = grid.run_all(plan(table, dataset, root, options, pairs), progress)
     cells = summarise(table, dataset, runs)
     stem = os.path.join(root, f"table{table}_{dataset}")
     command = command or f"python -m experiments.paper_tables --table {table} --dataset {dataset}"

@@ -15,7 +15,8 @@ recipe (``configs/cifar100.py:METHOD,TEACHER,STUDENT``; on ``fashion_mnist`` the
 28×28 grey images); ``--teacher_epochs``/``--student_epochs``/``--train_size``/``--test_size``
 shorten the runs (the lr drops then come at the same fractions of training as the reference's
 150/180/210 of 240). Runs go to ``ROOT/DATASET/{teachers,students,TEACHER-STUDENT/METHOD}``;
-finished ones are reused and unfinished ones resume, so a stopped grid goes on where it was.
+finished ones are reused and unfinished ones resume, so a stopped grid goes on where it was. A
+cell whose loss becomes NaN is shown as "diverged" and the grid goes on (``experiments.grid``).
 
 Outputs: ``ROOT/repdistiller_TABLE_DATASET.md`` (per pair: at_jax's median top-1 accuracy over
 seeds with its range, the reference's number in its own labelled row, and ✓ where the method is
@@ -40,7 +41,7 @@ from at_jax.files import write_json_atomic
 from at_jax.models import get_model
 from at_jax.runs import CheckpointError
 from configs import cifar100
-from experiments import paper_tables
+from experiments import grid
 from experiments.paired import paired
 
 METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
@@ -201,23 +202,25 @@ def summarise(table: str, runs: list[dict]) -> dict:
     (methods) the paired comparison with the student alone."""
     cells: dict = {}
     for run in runs:
-        errors = run["results"].get(
-            "final_test_error_per_seed", [run["results"]["final_test_error"]]
-        )
-        accuracy = 100.0 - np.asarray(errors, float)
-        key = ":".join(run["pair"])
-        cells.setdefault(key, {})[run["column"]] = {
-            "accuracy_per_seed": accuracy.tolist(),
-            "median": float(np.median(accuracy)),
-            "min": float(accuracy.min()),
-            "max": float(accuracy.max()),
+        results = run["results"]
+        cell = {
             "reference": REFERENCE.get(table, {}).get(run["pair"], {}).get(run["column"]),
             "workdir": run["workdir"],
         }
+        if grid.diverged(results):  # recorded, no numbers
+            cell.update({grid.DIVERGED: results[grid.DIVERGED], "accuracy_per_seed": []})
+            cell.update(dict.fromkeys(("median", "min", "max")))
+        else:
+            errors = results.get("final_test_error_per_seed", [results["final_test_error"]])
+            accuracy = 100.0 - np.asarray(errors, float)
+            cell["accuracy_per_seed"] = accuracy.tolist()
+            cell.update(median=float(np.median(accuracy)), min=float(accuracy.min()))
+            cell["max"] = float(accuracy.max())
+        cells.setdefault(":".join(run["pair"]), {})[run["column"]] = cell
     for row in cells.values():
         alone = np.asarray(row["student"]["accuracy_per_seed"])
         for column, cell in row.items():
-            if column not in ("teacher", "student"):
+            if column not in ("teacher", "student") and cell["median"] is not None and len(alone):
                 cell["vs_student"] = paired(np.asarray(cell["accuracy_per_seed"]), alone)
     return cells
 
@@ -240,8 +243,8 @@ def markdown(table: str, dataset: str, cells: dict, methods, command: str) -> st
         ours = []
         for column in columns:
             cell = row.get(column)
-            if cell is None:
-                ours.append("N/A")
+            if cell is None or cell["median"] is None:
+                ours.append("N/A" if cell is None else "diverged")
                 continue
             spread = f" ({cell['min']:.2f}–{cell['max']:.2f})" if cell["min"] != cell["max"] else ""
             better = cell.get("vs_student", {})
@@ -265,7 +268,8 @@ def figure(path: str, cells: dict, methods) -> str:
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
         gains = [
-            row[method]["vs_student"]["mean"] if method in row else np.nan for row in cells.values()
+            row[method]["vs_student"]["mean"] if "vs_student" in row.get(method, {}) else np.nan
+            for row in cells.values()
         ]
         ax.bar(np.arange(len(cells)) + j * width, gains, width, label=method)
     ax.set_xticks(np.arange(len(cells)) + 0.4 - width / 2, list(cells), rotation=20)
@@ -282,7 +286,7 @@ def make_table(
     table, dataset, root, options, methods=METHODS, pairs=None, command="", progress=True
 ):
     """Train (or reuse) every run, then write the table, its JSON and figure; returns the cells."""
-    runs = paper_tables.run_all(plan(table, dataset, root, options, methods, pairs), progress)
+    runs = grid.run_all(plan(table, dataset, root, options, methods, pairs), progress)
     cells = summarise(table, runs)
     stem = os.path.join(root, f"repdistiller_{table}_{dataset}")
     command = command or f"python -m experiments.repdistiller_tables --table {table}"

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,9 +10,10 @@ from experiments import paper_tables
 def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir, tmp_path):
     options = {
         "seeds": 2,
-        "teacher_epochs": 2,
+        # the teacher's program is then the student's (one compilation for both)
+        "teacher_epochs": 1,
         "student_epochs": 1,
-        "train_size": 0,
+        "train_size": 128,
         "test_size": 64,
         "data_dir": str(idx_dir),
         "student_model": "wrn-tiny",
@@ -171,3 +173,53 @@ def test_repdistiller_runner_writes_every_cell_beside_the_reference_and_resumes_
     assert rt.REFERENCE["cross"][("resnet32x4", "ShuffleV1")]["crd"] == 75.11
     with pytest.raises(ValueError, match="not in the 'same' table"):
         rt.pairs_of("same", "vgg13:resnet8")
+
+
+def test_a_diverged_cell_is_recorded_and_the_grid_goes_on_but_a_diverged_teacher_stops_it(
+    monkeypatch, tmp_path, capsys
+):
+    """No training: train_and_evaluate replaced by one that diverges in the chosen runs."""
+    from at_jax import train
+    from experiments import grid, repdistiller_tables as rt
+
+    options = {"seeds": 2, "student_epochs": 1, "teacher_epochs": 1}
+    runs = rt.plan("same", "fashion_mnist", str(tmp_path), options, ("kd", "at"), None)
+    runs = [r for r in runs if r["row"] in ("wrn_40_2:wrn_16_2", "resnet56:resnet20")]
+    failing = {os.path.join("wrn_40_2-wrn_16_2", "at")}
+    trained = []
+
+    def fake(config, workdir, progress=True):
+        trained.append(workdir)
+        if any(workdir.endswith(f) for f in failing):
+            raise train.TrainingDiverged("loss is NaN/Inf at epoch 1 (...)")
+        return {"final_test_error_per_seed": [20.0, 22.0], "final_test_error": 21.0}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake)
+    done = grid.run_all(runs, progress=False)
+    assert len(trained) == len(runs) == 8  # every cell after the diverged one ran too
+    out = capsys.readouterr().out
+    assert "1 cell(s) diverged" in out and "wrn_40_2:wrn_16_2 at" in out
+    cells = rt.summarise("same", done)
+    at = cells["wrn_40_2:wrn_16_2"]["at"]
+    assert at["median"] is None and at["diverged"].startswith("loss is NaN")
+    assert "vs_student" not in at and "vs_student" in cells["wrn_40_2:wrn_16_2"]["kd"]
+    text = rt.markdown("same", "fashion_mnist", cells, ("kd", "at"), "cmd")
+    assert "| wrn_40_2:wrn_16_2 | at_jax | 79.00 (78.00–80.00) | 79.00 (78.00–80.00) | " in text
+    assert text.count("diverged") == 1
+    figure = rt.figure(str(tmp_path / "f.png"), cells, ("kd", "at"))  # a gap where it diverged
+    assert open(figure, "rb").read(4) == b"\x89PNG"
+    # Table 1's runner shares the grid: a diverged column reads "diverged" there too
+    table1 = paper_tables.summarise(1, "fashion_mnist", [
+        {"row": "r", "column": "AT", "workdir": "x", "results": {"diverged": "NaN"}},
+        {"row": "r", "column": "KD", "workdir": "y",
+         "results": {"final_test_error": 8.0, "epochs": 1}},
+    ])  # fmt: skip
+    assert "| at_jax, fashion_mnist | diverged | 8.00 |" in paper_tables.markdown(
+        1, "fashion_mnist", table1, "cmd"
+    )
+    # a teacher that diverges stops the grid: every cell after it needs it
+    failing = {os.path.join("teachers", "wrn_40_2")}
+    trained.clear()
+    with pytest.raises(train.TrainingDiverged):
+        grid.run_all(runs, progress=False)
+    assert len(trained) == 1
