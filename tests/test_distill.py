@@ -28,7 +28,9 @@ def check(jax_fn, torch_fn, s, t, layout=nchw, rtol=RTOL, teacher_fixed=True):
     """``jax_fn(s, t)`` against ``torch_fn`` (channels first): values and the student's
     gradient; the teacher's gradient is zero on our side (stop_gradient), or, where the
     reference trains what reads the teacher (``teacher_fixed=False``), PyTorch's."""
-    value, grads = jax.value_and_grad(jax_fn, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
+    # one compiled program (op by op, each operation of each shape would compile on its own)
+    value_and_grad = jax.jit(jax.value_and_grad(jax_fn, argnums=(0, 1)))
+    value, grads = value_and_grad(jnp.asarray(s), jnp.asarray(t))
     ts, tt = layout(s), layout(t)
     ref = torch_fn(ts, tt.detach() if teacher_fixed else tt)
     ref.backward()
@@ -296,6 +298,6 @@ def test_the_first_eight_and_the_attention_maps_have_finite_gradients_on_all_zer
             + losses.at_losses(acts, {"group0": z4}, "groups")[0]
         )
 
-    value, grads = jax.value_and_grad(total, argnums=(0, 1))(z4, z2)
+    value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(z4, z2)
     assert np.isfinite(float(value))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)

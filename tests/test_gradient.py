@@ -48,14 +48,11 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
         def f64(tree):
             # float64, and jittered so that no ReLU input sits exactly on its kink (zero biases
             # after an all-zero ReLU output would), where finite differences and autodiff differ
-            leaves, treedef = jax.tree.flatten(tree)
-            keys = jax.random.split(jax.random.key(9), len(leaves))
-            return jax.tree.unflatten(
-                treedef,
-                [
-                    a.astype(jnp.float64) + 0.05 * jax.random.normal(k, a.shape, jnp.float64)
-                    for a, k in zip(leaves, keys, strict=True)
-                ],
+            # (numpy's generator: no program to compile per shape)
+            rng = np.random.default_rng(9)
+            return jax.tree.map(
+                lambda a: jnp.asarray(np.asarray(a, np.float64) + 0.05 * rng.normal(size=a.shape)),
+                tree,
             )
 
         params = {"student": f64(init(student, 1, x)["params"])}
@@ -73,18 +70,19 @@ def test_input_gradient_and_second_order_gradient_match_finite_differences():
 
         # J equals a direct jax.grad of the summed CE w.r.t. the input
         out = outputs_for(student, params, teacher, t_vars, x, y)
-        direct = jax.grad(
-            lambda z: (
-                -jnp.sum(
-                    jax.nn.log_softmax(student.apply({"params": params["student"]}, z))[
-                        jnp.arange(3), y
-                    ]
+        direct = jax.jit(
+            jax.grad(
+                lambda z: (
+                    -jnp.sum(
+                        jax.nn.log_softmax(student.apply({"params": params["student"]}, z))[
+                            jnp.arange(3), y
+                        ]
+                    )
                 )
             )
         )(x)
-        np.testing.assert_allclose(
-            gradient.input_gradient(out.student_fn, x, y), direct, rtol=1e-10
-        )
+        input_gradient = jax.jit(lambda z: gradient.input_gradient(out.student_fn, z, y))
+        np.testing.assert_allclose(input_gradient(x), direct, rtol=1e-10)
 
         @jax.jit  # one program each, not thousands of op-by-op dispatches
         def loss(p):
@@ -203,7 +201,7 @@ def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, teacher_dir, t
     config = tiny_config(
         idx_dir,
         "student",
-        num_epochs=3,
+        num_epochs=2,
         **{
             "loss.grad_at.weight": 1.0,
             "loss.symmetry.weight": 0.5,

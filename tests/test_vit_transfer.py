@@ -37,7 +37,7 @@ def batch():
 
 def networks(copy=NO_COPY, terms=None, student=None, teacher=None, seed=1):
     teacher = teacher or vit()
-    t_vars = teacher.init(jax.random.key(seed), jnp.zeros((1, 16, 16, 1)))
+    t_vars = jax.jit(teacher.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 1)))
     net = Networks(
         model=student or vit(),
         spec=SPEC,
@@ -46,7 +46,7 @@ def networks(copy=NO_COPY, terms=None, student=None, teacher=None, seed=1):
         teacher_variables=t_vars,
         copy=copy,
     )
-    variables, term_params = net.init(jax.random.key(0), jax.random.key(1))
+    variables, term_params = jax.jit(net.init)(jax.random.key(0), jax.random.key(1))
     return net, {"student": variables["params"], "terms": term_params}, t_vars
 
 
@@ -57,24 +57,30 @@ def test_copy_gives_the_student_the_teachers_blocks_and_no_gradient_reaches_its_
     and the last (not copied) block keeps its own."""
     copy = AttentionCopy(target, end_layer=-1)
     net, params, t_vars = networks(copy)
-    out, _ = net.outputs(params, {}, t_vars, batch, jax.random.key(2))
-    _, t_acts, _ = forward(net.teacher_model, t_vars, batch[0])
+    # each computation one compiled program (op by op, every operation would compile alone)
+    logits = jax.jit(
+        lambda p: net.outputs(p, {}, t_vars, batch, jax.random.key(2))[0].student_logits
+    )
+    _, t_acts, _ = jax.jit(lambda v: forward(net.teacher_model, v, batch[0]))(t_vars)
     key = "attention_logits" if target == "attention" else target
     given = [t_acts[f"block{i}.{key}"] for i in range(2)]
     if target == "attention":
         given = [jax.nn.softmax(g, -1) for g in given]
-    expected, _, _ = forward(
-        net.model, {"params": params["student"]}, batch[0], given=given, given_kind=target
-    )
-    np.testing.assert_allclose(out.student_logits, expected, atol=1e-6)
-    own, _, _ = forward(net.model, {"params": params["student"]}, batch[0])
+
+    @jax.jit
+    def student(p, given):
+        return forward(net.model, {"params": p}, batch[0], given=given, given_kind=target)[0]
+
+    expected = student(params["student"], given)
+    np.testing.assert_allclose(logits(params), expected, atol=1e-6)
+    own = student(params["student"], None)
     assert not np.allclose(own, expected, atol=1e-4)
 
     def loss(p):
         o, _ = net.outputs(p, {}, t_vars, batch, jax.random.key(2))
         return objective.make_objective(net.terms)(o)[0]
 
-    grads = jax.grad(loss)(params)["student"]
+    grads = jax.jit(jax.grad(loss))(params)["student"]
     unused = slice(16, 32) if target == "k" else slice(0, 32)  # qkv's outputs: q | k | v
     for i in range(3):
         kernel = grads[f"blocks_{i}"]["attn"]["qkv"]["kernel"][:, unused]
