@@ -238,30 +238,23 @@ def summarise(table: int, dataset: str, runs: list[dict]) -> dict:
     diverged cell: its message, and None for the numbers)."""
     cells: dict = {}
     for run in runs:
+        results = run["results"]
         reference = PAPER[table].get(run["row"], {}).get(run["column"])
-        if grid.diverged(run["results"]):
-            cells.setdefault(run["row"], {})[run["column"]] = {
-                **dict.fromkeys(("median", "min", "max", "epochs", "attention_distance")),
-                grid.DIVERGED: run["results"][grid.DIVERGED],
-                "seeds": [],
-                "paper": reference if dataset == "cifar10" else None,
-                "paper_cifar10": reference,
-                "workdir": run["workdir"],
-            }
-            continue
-        errors = _per_seed(run["results"])
-        cells.setdefault(run["row"], {})[run["column"]] = {
-            "median": float(np.median(errors)),
-            "min": float(np.min(errors)),
-            "max": float(np.max(errors)),
-            "seeds": errors,
+        cell = {
             # the paper's number for this cell: on CIFAR-10 a comparison, elsewhere a reference
             "paper": reference if dataset == "cifar10" else None,
             "paper_cifar10": reference,
-            "epochs": run["results"]["epochs"],
             "workdir": run["workdir"],
-            "attention_distance": run["results"].get("final_attention_distance", {}).get("mean"),
         }
+        if grid.diverged(results):
+            cell.update(dict.fromkeys(("median", "min", "max", "epochs", "attention_distance")))
+            cell.update({grid.DIVERGED: results[grid.DIVERGED], "seeds": []})
+        else:
+            errors = _per_seed(results)
+            cell.update(median=float(np.median(errors)), min=float(np.min(errors)))
+            cell.update(max=float(np.max(errors)), seeds=errors, epochs=results["epochs"])
+            cell["attention_distance"] = results.get("final_attention_distance", {}).get("mean")
+        cells.setdefault(run["row"], {})[run["column"]] = cell
     return cells
 
 
