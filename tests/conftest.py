@@ -36,6 +36,13 @@ from at_jax.compilation_cache import default_cache_dir, use_compilation_cache
 use_compilation_cache(default_cache_dir())
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``heavy`` (the longest: trained runs, CLI subprocesses) run first, the
+    others after them in their usual order: with pytest-xdist the workers then end on short
+    tests together instead of one of them finishing a long one alone."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable
+
+
 def write_idx(path, array):
     """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -317,3 +324,15 @@ def streamed_config(data_dir, name="imagefolder", method="student", **overrides)
     for key, value in overrides.items():
         recipes.set_path(config, key, value)
     return config
+
+
+BENCH_CONTRACT = ("images_per_s", "step_ms", "device", "method", "batch", "dtype", "compile_s")
+
+
+def assert_bench_contract(result, method, model, batch, seeds=1):
+    """The fields every ``at_jax.bench.run`` result has (scripts read them)."""
+    for key in BENCH_CONTRACT:
+        assert key in result
+    assert result["images_per_s"] > 0 and result["compile_s"] > 0
+    assert result["method"] == method and result["seeds"] == seeds
+    assert result["batch"] == batch and result["teacher"] == model

@@ -268,6 +268,7 @@ def test_channel_shuffle_is_the_references():
     np.testing.assert_array_equal(channel_shuffle(jnp.asarray(x.transpose(0, 2, 3, 1)), 3), want)
 
 
+@pytest.mark.heavy
 def test_every_method_of_the_cross_table_runs_on_every_pair(table="cross"):
     """configs/cifar100.py:METHOD,TEACHER,STUDENT of every cross pair and method: valid, the
     small students at lr 0.01; and every method's loss (all in one objective, shapes only) on

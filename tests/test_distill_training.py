@@ -157,6 +157,7 @@ def _interrupt_after(rows_file, rows):
     threading.Thread(target=watch, daemon=True).start()
 
 
+@pytest.mark.heavy
 def test_every_baseline_trains_from_the_teacher_and_resumes_exactly(teacher_run, tmp_path):
     """FitNet, SP, CC, VID, RKD, PKT, NST, DKD, CRD and FT in one objective (one compilation),
     FT's paraphraser trained first in WORKDIR/init_stage: each term is measured and finite, the
@@ -223,6 +224,7 @@ def test_every_baseline_trains_from_the_teacher_and_resumes_exactly(teacher_run,
     }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("method", ["ab", "fsp"])
 def test_ab_and_fsp_train_the_student_in_their_first_stage_then_ce_alone(
     method, teacher_run, tmp_path

@@ -192,6 +192,7 @@ def test_bn_modes_differ_with_batch_norm_and_are_validated(idx_dir):
         validate_config(tiny_config(idx_dir, **{"gradient.bn_mode": "both"}))
 
 
+@pytest.mark.heavy
 def test_gradient_terms_compose_with_at_and_kd_and_train(idx_dir, teacher_dir, tmp_path, optimized):
     """The CLI's objective with every kind of term: CE, KD, AT and the input-gradient terms
     (through batch norm, bn_mode "batch_stats"), trained end to end from the shared teacher."""

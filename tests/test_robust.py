@@ -64,6 +64,7 @@ def test_verify_lists_every_broken_file_and_exits_1(broken_folder, tmp_path, cap
     assert "all can be decoded" in capsys.readouterr().out
 
 
+@pytest.mark.heavy
 def test_on_bad_image_error_stops_with_one_line_and_resumes_once_fixed(broken_folder, tmp_path):
     root, broken = broken_folder
     data = tmp_path / "data"
@@ -85,6 +86,7 @@ def test_on_bad_image_error_stops_with_one_line_and_resumes_once_fixed(broken_fo
     assert results["epochs"] == 1
 
 
+@pytest.mark.heavy
 def test_on_bad_image_skip_is_deterministic_counted_and_resumes_exactly(
     broken_folder, tmp_path, capsys
 ):

@@ -65,6 +65,7 @@ def rows_at_least(workdir, n):
     return lambda: len(read_jsonl(str(workdir / "metrics.jsonl"))) >= n
 
 
+@pytest.mark.heavy
 def test_sigterm_and_sigkill_mid_epoch_with_2_workers_resume_exactly_and_leave_nothing(
     folder, tmp_path, procs
 ):
@@ -120,6 +121,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_two_processes_train_like_one_and_stop_together_on_sigterm(folder, tmp_path, procs):
     """2 processes with the global batch of 1: the same parameters. SIGTERM to one of them
     stops both at the same step (JAX's preemption sync point), and the rerun finishes."""
@@ -179,6 +181,7 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
+@pytest.mark.heavy
 def test_cli_errors_are_one_clear_line(folder, tmp_path, procs):
     def error_of(*args, config="configs/imagenet.py", data_dir=folder):
         cmd = [

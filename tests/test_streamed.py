@@ -204,6 +204,7 @@ def test_tfds_imagenet_source_with_mock_data():
     assert out["image"].shape == (32, 32, 3)
 
 
+@pytest.mark.heavy
 def test_teacher_then_at_student_from_an_image_folder(folder, tmp_path):
     teacher = train.train_and_evaluate(
         streamed_config(

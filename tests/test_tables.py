@@ -7,6 +7,7 @@ import pytest
 from experiments import paper_tables
 
 
+@pytest.mark.heavy
 def test_table1_runner_writes_every_column_the_papers_numbers_and_curves(idx_dir, tmp_path):
     options = {
         "seeds": 2,
@@ -95,6 +96,7 @@ def test_table2_and_table3_plans():
         paper_tables.plan(3, "cifar100", "R", options)
 
 
+@pytest.mark.heavy
 def test_repdistiller_runner_writes_every_cell_beside_the_reference_and_resumes_a_stopped_grid(
     idx_dir, tmp_path
 ):

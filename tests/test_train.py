@@ -151,6 +151,7 @@ def finish(proc, timeout=300):
     return out
 
 
+@pytest.mark.heavy
 def test_sigterm_then_sigkill_mid_epoch_then_the_same_command_ends_like_an_uninterrupted_run(
     teacher_run, tmp_path, procs
 ):
@@ -217,6 +218,7 @@ def make_step(config, data, mesh):
     return step_lib.Step.from_config(config, data.spec, steps, mesh=mesh)
 
 
+@pytest.mark.heavy
 def test_sharded_step_equals_single_device(idx_dir):
     if len(jax.devices()) != 8:  # rerun this test alone in a process with 8 simulated devices
         name = f"{os.path.abspath(__file__)}::test_sharded_step_equals_single_device"
@@ -263,6 +265,7 @@ def one_step(config, data, idx):
     return st, jax.device_get((state.params, metrics))
 
 
+@pytest.mark.heavy
 def test_seed_strategies_unrolled_seeds_equal_single_seed_runs(idx_dir):
     data = load_dataset("fashion_mnist", "local", str(idx_dir))
     idx = np.stack([np.arange(32), np.arange(32, 64)]).astype(np.int32)

@@ -29,7 +29,7 @@ from at_jax.figures import attention_figure
 from at_jax.losses import at_loss, at_losses, cross_entropy, factt_loss, kd_loss
 from at_jax.models import get_model
 from at_jax.naming import natural_sorted
-from conftest import init
+from conftest import assert_bench_contract, init
 
 if os.environ.get("AT_JAX_REQUIRE_TORCH"):
     import torch
@@ -379,12 +379,14 @@ def test_examples_and_cli_programs_end_a_user_error_with_one_line(monkeypatch, c
     assert "dataset 'fashion_mnist' not found" in lines[0] and "apt-get install" in lines[0]
 
 
+@pytest.mark.heavy
 def test_gpu_check_smoke_records_every_section(tmp_path, capsys):
     """benchmarks/gpu_check.py --smoke: the GPU check's code on CPU with tiny shapes."""
     check = runpy.run_path(os.path.join(ROOT, "benchmarks", "gpu_check.py"))
     assert check["main"](["--out", str(tmp_path), "--smoke"]) == 0
     record = json.load(open(tmp_path / "gpu_check.json"))
     assert record["environment"]["jax"] == jax.__version__ and record["smoke"] is True
+    assert_bench_contract(record["at_step"]["float32"], "at", "wrn-tiny", batch=16)
     for dtype in ("float32", "bfloat16"):
         step = record["at_step"][dtype]
         assert step["dtype"] == dtype and step["images_per_s"] > 0

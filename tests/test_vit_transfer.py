@@ -195,6 +195,7 @@ def vit_run_config(idx_dir, method, **overrides):
     return config
 
 
+@pytest.mark.heavy
 def test_the_vit_recipe_trains_copy_and_distill_students_end_to_end(idx_dir, tmp_path):
     """configs/vit_attention.py's methods through train_and_evaluate: a ViT teacher, then a
     copied student (two seeds, mixup/CutMix, random erasing, EMA) and a distilled one; the
