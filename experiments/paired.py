@@ -10,14 +10,19 @@ from scipy import stats
 
 from at_jax.files import read_jsonl
 
-__all__ = ["ALPHA", "per_seed", "paired", "spread", "verdict"]
+__all__ = ["ALPHA", "per_seed", "paired", "seed_errors", "spread", "verdict"]
 
 ALPHA = 0.05  # the paired t-test's level (two-sided)
 
 
+def seed_errors(results: dict) -> list[float]:
+    """A run's final test error per seed (one value for a single-seed run's results)."""
+    return results.get("final_test_error_per_seed", [results["final_test_error"]])
+
+
 def per_seed(results: dict, workdir: str) -> dict[str, np.ndarray]:
     """A run's final test error and attention distance, one value per seed."""
-    errors = results.get("final_test_error_per_seed", [results["final_test_error"]])
+    errors = seed_errors(results)
     last = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "test/error" in r][-1]
     distance = last.get(
         "test/attention_distance_per_seed",

@@ -38,6 +38,7 @@ from at_jax.files import read_jsonl, write_json_atomic
 from at_jax.runs import CheckpointError
 from configs import cifar10, cifar100, fashion_mnist, table3
 from experiments import grid
+from experiments.paired import seed_errors
 
 DATASET_CONFIGS = {"cifar10": cifar10, "cifar100": cifar100, "fashion_mnist": fashion_mnist}
 
@@ -229,10 +230,6 @@ def plan(table: int, dataset: str, root: str, options: dict, pairs=None) -> list
     return runs
 
 
-def _per_seed(results: dict) -> list[float]:
-    return results.get("final_test_error_per_seed", [results["final_test_error"]])
-
-
 def summarise(table: int, dataset: str, runs: list[dict]) -> dict:
     """Per row and column: median over seeds, min, max, the paper's number, the workdir (a
     diverged cell: its message, and None for the numbers)."""
@@ -250,7 +247,7 @@ def summarise(table: int, dataset: str, runs: list[dict]) -> dict:
             cell.update(dict.fromkeys(("median", "min", "max", "epochs", "attention_distance")))
             cell.update({grid.DIVERGED: results[grid.DIVERGED], "seeds": []})
         else:
-            errors = _per_seed(results)
+            errors = seed_errors(results)
             cell.update(median=float(np.median(errors)), min=float(np.min(errors)))
             cell.update(max=float(np.max(errors)), seeds=errors, epochs=results["epochs"])
             cell["attention_distance"] = results.get("final_attention_distance", {}).get("mean")

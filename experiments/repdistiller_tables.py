@@ -42,7 +42,7 @@ from at_jax.models import get_model
 from at_jax.runs import CheckpointError
 from configs import cifar100
 from experiments import grid
-from experiments.paired import paired
+from experiments.paired import paired, seed_errors
 
 METHODS = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
 # RepDistiller's README (b84f547), top-1 accuracy %: teacher, student, then its method rows
@@ -211,7 +211,7 @@ def summarise(table: str, runs: list[dict]) -> dict:
             cell.update({grid.DIVERGED: results[grid.DIVERGED], "accuracy_per_seed": []})
             cell.update(dict.fromkeys(("median", "min", "max")))
         else:
-            errors = results.get("final_test_error_per_seed", [results["final_test_error"]])
+            errors = seed_errors(results)
             accuracy = 100.0 - np.asarray(errors, float)
             cell["accuracy_per_seed"] = accuracy.tolist()
             cell.update(median=float(np.median(accuracy)), min=float(accuracy.min()))
