@@ -125,7 +125,8 @@ def run(
     t_model, t_vars = None, None
     if method not in ("ce", "min_l2", "symmetry", "vit_scratch"):
         t_model = get_model(teacher_name, num_classes=10, **dict(overrides or {}))
-        t_vars = t_model.init(jax.random.key(1), jnp.zeros((1, *shape)))
+        # one compiled program: op by op, each of init's operations would compile on its own
+        t_vars = jax.jit(t_model.init)(jax.random.key(1), jnp.zeros((1, *shape)))
     spec = DataSpec(10, shape, CIFAR_MEAN, CIFAR_STD)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, dataset_size).astype(np.int32)
