@@ -4,10 +4,55 @@ import os
 import shutil
 import tempfile
 
+# XLA:CPU compiles the tests' small programs about 40% faster with its older elemental emitters
+# than with its fusion emitters, and in one thread (two test workers share CI's two cores):
+# measured in benchmarks/RESULTS.md. Only the flags that this jaxlib knows are used (an unknown
+# one in XLA_FLAGS aborts the process): probed once per run, in a throw-away process, and
+# passed on to the workers and the tests' subprocesses through the environment.
+FAST_COMPILE_FLAGS = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
+)
+_PROBE = """
+try:
+    from jaxlib import _jax
+    _jax.get_tfrt_cpu_client()  # parses XLA_FLAGS (an unknown flag aborts)
+except Exception:
+    import jax
+    jax.devices("cpu")
+"""
+
+
+def _known_xla_flags(flags):
+    """The flags of ``flags`` that this jaxlib accepts in XLA_FLAGS."""
+    import subprocess
+    import sys
+
+    def known(flag):
+        env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+        probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True)
+        return probe.returncode == 0
+
+    return " ".join(flag for flag in flags if known(flag))
+
+
+if "AT_JAX_TESTS_XLA_FLAGS" not in os.environ:
+    os.environ["AT_JAX_TESTS_XLA_FLAGS"] = _known_xla_flags(FAST_COMPILE_FLAGS)
+
+
+def xla_flags(devices=None):
+    """XLA_FLAGS for a test's subprocess: the tests' compilation flags, and ``devices`` simulated
+    CPU devices if given (none: the program picks, as a user's does)."""
+    flags = os.environ["AT_JAX_TESTS_XLA_FLAGS"]
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return flags.strip()
+
+
 # Tests run on CPU with 2 simulated devices (as many as CI's cores), so that every training test
 # runs a sharded step; the sharded==single test reruns itself with 8. Set before jax is imported.
 TEST_DEVICES = 2
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={TEST_DEVICES}")
+os.environ.setdefault("XLA_FLAGS", xla_flags(TEST_DEVICES))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' programs are small and many: compiling them is most of the suite's time, running
 # them little. XLA's cheaper compilation (fewer optimisation passes) is worth it here; every

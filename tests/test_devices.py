@@ -5,6 +5,7 @@ import sys
 import jax
 
 from at_jax import devices
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +27,8 @@ def test_a_device_count_chosen_by_the_user_is_kept():
 
 
 def _fresh_python(code):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    # other XLA flags (the tests' compilation flags), but no device count: the program picks
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -49,3 +50,13 @@ def test_too_late_to_change_the_device_count_is_a_no_op():
         "print(devices.use_cpu_cores(6, cores=4), len(jax.devices()))"
     )
     assert _fresh_python(code)[-2:] == ["None", "1"]
+
+
+def test_the_tests_use_only_the_xla_flags_this_jaxlib_knows():
+    from conftest import FAST_COMPILE_FLAGS, _known_xla_flags
+
+    # an unknown flag in XLA_FLAGS would abort every test process: it is left out
+    assert _known_xla_flags(("--xla_cpu_no_such_flag=1",)) == ""
+    assert set(os.environ["AT_JAX_TESTS_XLA_FLAGS"].split()) <= set(FAST_COMPILE_FLAGS)
+    assert xla_flags(3).endswith("--xla_force_host_platform_device_count=3")
+    assert "device_count" not in xla_flags()

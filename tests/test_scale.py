@@ -16,7 +16,7 @@ from procs import group_members, wait_group_gone, wait_until
 from at_jax import runs, train
 from at_jax.files import read_jsonl
 from configs import imagenet
-from conftest import apply_flags, assert_same_run, make_image_folder
+from conftest import apply_flags, assert_same_run, make_image_folder, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -50,7 +50,7 @@ def cli(procs, workdir, data_dir, *extra, devices=2):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
     }
     return procs.start(cmd, cwd=REPO, env=env)
 

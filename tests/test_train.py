@@ -19,7 +19,7 @@ from at_jax.files import read_jsonl
 from at_jax.sharding import data_mesh, sharded
 from at_jax.train import position
 from configs import fashion_mnist
-from conftest import apply_flags, assert_same_run, tiny_config
+from conftest import apply_flags, assert_same_run, tiny_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,7 +142,7 @@ def cli_command(workdir, *extra, data_dir, method="student"):
 
 def cli_env():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "XLA_FLAGS": ""}  # the CLI picks one CPU device per core
+    return {**env, "XLA_FLAGS": xla_flags()}  # the CLI picks one CPU device per core
 
 
 def finish(proc, timeout=300):
@@ -225,7 +225,7 @@ def test_sharded_step_equals_single_device(idx_dir):
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name],
             cwd=REPO,
-            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+            env={**os.environ, "XLA_FLAGS": xla_flags(8)},
             capture_output=True,
             text=True,
             timeout=600,
